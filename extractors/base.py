@@ -1,0 +1,82 @@
+"""The interface every clip feature extractor implements.
+
+The extract stage does the decoding, resizing and cropping (``extractors.transforms``); an extractor
+only says how big its input is, how to scale pixel values, and how to turn a batch of clips into
+feature vectors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+
+class ClipExtractor(ABC):
+    """A network mapping 16-frame clips to one feature vector each.
+
+    Class attributes a subclass sets:
+        feature_dim: D, length of the output vector.
+        clip_len: frames per clip (16 for every published WS-VAD feature).
+        crop_size: side of the square crop fed to the network (224 for I3D, 112 for C3D).
+        resize: ``("short", s)`` resizes the short side to ``s`` keeping the aspect ratio;
+            ``("fixed", h, w)`` resizes to exactly ``h x w`` (C3D's 128x171).
+    """
+
+    feature_dim: int
+    clip_len: int = 16
+    crop_size: int = 224
+    resize: tuple = ("short", 256)
+    registry_name: str
+    #: where the default weights come from (an ``extractors.weights.WeightSpec``)
+    weights_spec: ClassVar[Any] = None
+
+    @classmethod
+    def expected_checksum(cls, weights: str | None = None) -> str:
+        """sha256 of the weights a run will use, without loading them: the spec's checksum, or the
+        local override file's (an override identical to the spec's archive counts as the spec)."""
+        if weights:
+            from pipeline.cache import sha256_file
+
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: weights file not found (extract.weights)")
+            digest = sha256_file(path)
+            spec = cls.weights_spec
+            if spec is not None and digest == getattr(spec, "archive_sha256", None):
+                return spec.sha256
+            return digest
+        if cls.weights_spec is None:
+            raise NotImplementedError(f"{cls.__name__} has no default weights; set extract.weights")
+        return cls.weights_spec.sha256
+
+    def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
+        self.weights_override = weights
+        self.device = torch.device(device)
+
+    @property
+    @abstractmethod
+    def weights_checksum(self) -> str:
+        """sha256 of the weights in use; part of the extract stage's cache key."""
+
+    @abstractmethod
+    def normalize(self, clips: torch.Tensor) -> torch.Tensor:
+        """Scale pixel values for the network.
+
+        Args:
+            clips: ``[N, 3, T, H, W]`` float32 with values in [0, 255], RGB order.
+        Returns:
+            ``[N, 3, T, H, W]`` float32 in the network's input range.
+        """
+
+    @abstractmethod
+    def features(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clip features.
+
+        Args:
+            clips: ``[N, 3, T, H, W]`` float32, output of :meth:`normalize`, on ``self.device``.
+        Returns:
+            ``[N, feature_dim]`` float32.
+        """

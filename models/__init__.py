@@ -1,0 +1,32 @@
+"""Detectors and their registry.
+
+Registered names (``pipeline list`` prints them):
+
+- ``sultani_mil``: MIL ranking (Sultani, Chen & Shah, CVPR 2018).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from pipeline.registry import Registry
+
+from .base import Detector, FeatureBank, MILBatch, TrainConfig
+
+DETECTORS: Registry[Detector] = Registry("detector")
+
+
+def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
+    """Register a detector class; its ``Config.method`` becomes ``name``."""
+
+    def wrap(cls: type[Detector]) -> type[Detector]:
+        DETECTORS.register(name)(cls)
+        cls.Config.method = name
+        return cls
+
+    return wrap
+
+
+from . import sultani_mil  # noqa: E402,F401
+
+__all__ = ["DETECTORS", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "register_detector"]

@@ -1,0 +1,202 @@
+"""The ``pipeline`` command line.
+
+    pipeline run --stage {extract,segment,train,evaluate,all} [--method NAME] [--config FILE]
+                 [--set a.b=c ...] [--force] [--run-dir DIR]
+    pipeline status [--run-dir DIR] [same config options]
+    pipeline demo [--run-dir DIR] [--set a.b=c ...]
+    pipeline list
+    pipeline config [same config options]
+
+Exit status: 0 success; 1 some videos or stages failed (a summary lists them); 2 bad usage or
+configuration (nothing was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pipeline")
+
+STAGE_CHOICES = ("extract", "segment", "train", "evaluate", "all")
+
+
+def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/default") -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config file (may be repeated; later files override earlier ones)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="sets",
+                   help="override one setting, e.g. --set train.lr=0.002 (may be repeated)")
+    p.add_argument("--method", default=None, help="detector to train (pipeline list); sets train.method")
+    p.add_argument("--run-dir", default=run_dir_default, type=Path,
+                   help=f"where the run's config, cache and reports live (default: {run_dir_default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Weakly supervised video anomaly detection: extract -> segment -> train -> evaluate.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a stage and whatever it needs that is not up to date",
+                         description="Run a stage (and its out-of-date upstream stages). Finished work "
+                         "is reused from the cache; a rerun after a crash resumes.")
+    run.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="stage to run (default: all)")
+    run.add_argument("--force", action="store_true", help="recompute the named stage(s) even if cached")
+    _add_config_args(run)
+
+    st = sub.add_parser("status", help="show each stage's state (done / partial / stale / missing) and why",
+                        description="Without --config/--set, uses the config the last run in the run "
+                        "directory saved (RUN_DIR/config.yaml).")
+    _add_config_args(st)
+
+    demo = sub.add_parser("demo", help="generate the demo dataset and run every stage on it (CPU, minutes)",
+                          description="Runs all stages on the generated demo dataset with the demo preset "
+                          "(pipeline/demo.yaml), then prints the frame-level AUC and the report's path.")
+    demo.add_argument("--force", action="store_true", help="recompute every stage")
+    _add_config_args(demo, run_dir_default="runs/demo")
+
+    sub.add_parser("list", help="list registered extractors and detectors",
+                   description="List the registered extractors and detectors.")
+
+    cfg = sub.add_parser("config", help="print the resolved configuration with each key's meaning",
+                         description="Print the resolved configuration (defaults + files + --set).")
+    _add_config_args(cfg)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _resolve(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None, use_saved: bool = False):
+    from pipeline.config import build_config, load_yaml
+
+    layers = list(preset or [])
+    if use_saved and not args.config and (args.run_dir / "config.yaml").is_file():
+        layers.append(load_yaml(args.run_dir / "config.yaml"))
+    layers += [load_yaml(f) for f in args.config]
+    return build_config(layers, args.sets, args.method)
+
+
+def demo_preset() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(resources.files("pipeline").joinpath("demo.yaml").read_text())
+
+
+def _print_reports(reports: list) -> int:
+    failed = []
+    print(f"\n{'stage':<10} {'state':<9} {'computed':>8} {'cached':>7} {'failed':>7} {'seconds':>8}")
+    for r in reports:
+        print(f"{r.stage:<10} {r.state:<9} {r.computed:>8} {r.cached:>7} {len(r.failed):>7} {r.seconds:>8.1f}")
+        failed += r.failed
+    for r in reports:
+        if r.stage == "evaluate" and r.summary.get("auc") is not None:
+            print(f"\nframe-level AUC: {r.summary['auc']:.4f}   AP: {r.summary['ap']:.4f}   FAR@0.5: {r.summary['far']:.4f}")
+            print(f"report:  {r.summary['report']}\nmetrics: {r.summary['metrics']}")
+    if failed:
+        print(f"\n{len(failed)} failure(s):")
+        for f in failed:
+            print(f"  [{f['stage']}] {f['video']}: {f['error']}")
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None) -> int:
+    from pipeline.runner import Context, Runner
+    from stages import STAGE_NAMES, all_stages
+
+    cfg = _resolve(args, preset)
+    ctx = Context(cfg, args.run_dir, progress=not args.quiet)
+    _ = ctx.manifest  # validate the manifest before any work
+    runner = Runner(ctx, all_stages())
+    targets = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
+    t0 = time.time()
+    reports = runner.run(targets, force=set(targets) if args.force else set())
+    code = _print_reports(reports)
+    print(f"run directory: {args.run_dir}   ({time.time() - t0:.1f} s)")
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.runner import Context, Runner
+    from stages import all_stages
+
+    cfg = _resolve(args, use_saved=True)
+    runner = Runner(Context(cfg, args.run_dir, progress=False), all_stages())
+    for row in runner.status():
+        print(f"{row['stage']:<10} {row['state']:<8} {row['why']}")
+        if row.get("path") and row["state"] != "missing":
+            print(f"{'':<19} {row['path']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from extractors import EXTRACTORS
+    from models import DETECTORS
+
+    print("extractors:")
+    for name in EXTRACTORS.list():
+        cls = EXTRACTORS.get_class(name)
+        print(f"  {name:<16} {cls.feature_dim}-D, {cls.clip_len}-frame clips, {cls.crop_size}px crops")
+    print("detectors:")
+    for name in DETECTORS.list():
+        cls = DETECTORS.get_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<16} {doc}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.config import describe
+
+    cfg = _resolve(args)
+    print(f"train.method = {cfg.train.method}")
+    for key, value, doc in describe(cfg):
+        print(f"{key} = {value!r}" + (f"    # {doc}" if doc else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from pipeline.config import ConfigError
+    from pipeline.manifest import ManifestError
+    from pipeline.registry import RegistryError
+    from pipeline.runner import StageError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "demo":
+            args.stage = "all"
+            return cmd_run(args, preset=[demo_preset()])
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "config":
+            return cmd_config(args)
+    except (ConfigError, ManifestError, RegistryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Run configuration: dataclasses whose defaults are the source of truth.
+
+A run's configuration is built in this order, later steps overriding earlier ones:
+defaults of the dataclasses below -> a YAML file (``--config``) -> ``--set section.key=value`` ->
+``--method`` (which picks ``train.method``). Every key and value is validated before any work starts:
+an unknown key or a value of the wrong type is a :class:`ConfigError` naming the key.
+
+The ``train`` section is the chosen detector's own config class (``models.<detector>.Config``), so
+each detector owns its hyperparameters and their defaults.
+
+Fields whose ``metadata`` has ``key=False`` (devices, batch sizes of inference, progress bars) do
+not change results and are left out of cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration key or value."""
+
+
+def choice(default: Any, choices: tuple, doc: str = "", key: bool = True) -> Any:
+    """A field restricted to ``choices``."""
+    return field(default=default, metadata={"choices": choices, "doc": doc, "key": key})
+
+
+def opt(default: Any, doc: str = "", key: bool = True) -> Any:
+    """A documented field; ``key=False`` keeps it out of cache keys (it cannot change results)."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, "key": key})
+    return field(default=default, metadata={"doc": doc, "key": key})
+
+
+@dataclass
+class DataConfig:
+    """Which videos to use."""
+
+    manifest: str = opt("demo", "manifest CSV (data_manifests/README.md); 'demo' = the generated demo dataset")
+    root: str = opt("", "data root the manifest's paths are relative to; default: the manifest's folder")
+    folder_fps: float = opt(30.0, "frame rate assumed for JPEG frame folders, which carry none")
+
+
+@dataclass
+class ExtractConfig:
+    """Clip feature extraction (PROTOCOLS.md, 'Features and clips')."""
+
+    extractor: str = opt("i3d_inception", "registered extractor name (pipeline list)")
+    weights: str = opt("", "local weights file overriding the download; its sha256 enters the cache key")
+    clip_len: int = opt(16, "frames per clip; clip i covers frames [16i, 16i+16) (PROTOCOLS.md)")
+    crops: str = choice("10", ("10", "5", "center", "none"), "spatial crops per clip")
+    crop_order: str = choice(
+        "torchvision",
+        ("torchvision", "roc-ng"),
+        "10/5-crop order: torchvision (corners then centre) or roc-ng (centre first) (PROTOCOLS.md)",
+    )
+    partial_clip: str = choice("pad", ("pad", "drop"), "trailing partial clip: pad by repeating the last frame, or drop")
+    batch_clips: int = opt(8, "clips per network forward", key=False)
+    chunk_frames: int = opt(128, "frames decoded at a time (bounds memory)", key=False)
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]'", key=False)
+
+
+@dataclass
+class SegmentConfig:
+    """Fixed-length bags of segments (PROTOCOLS.md, '32 segments')."""
+
+    num_segments: int = opt(32, "segments per video (Sultani et al. 2018, Sec. 3.3)")
+    scheme: str = choice(
+        "sultani",
+        ("sultani", "rtfm"),
+        "sultani: round(linspace) bins, mean, L2-normalised; rtfm: int(linspace) bins, mean, no normalisation",
+    )
+
+
+@dataclass
+class EvaluateConfig:
+    """Frame-level evaluation (PROTOCOLS.md, 'Evaluation')."""
+
+    far_threshold: float = opt(0.5, "score above which a frame of a normal video is a false alarm")
+    plots: bool = opt(True, "write ROC and per-video score plots into the report", key=False)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run reads. ``train`` is the chosen detector's config (see module docstring)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    train: Any = None
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        if self.train is None:
+            self.train = train_config_class(DEFAULT_METHOD)()
+
+    def get(self, dotted: str) -> Any:
+        section, _, name = dotted.partition(".")
+        obj = getattr(self, section)
+        return getattr(obj, name) if name else obj
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+DEFAULT_METHOD = "sultani_mil"
+SECTIONS = ("data", "extract", "segment", "train", "evaluate")
+
+
+def train_config_class(method: str) -> type:
+    """The config dataclass of detector ``method``."""
+    from models import DETECTORS
+
+    return DETECTORS.get_class(method).Config
+
+
+def key_fields(obj: Any) -> dict[str, Any]:
+    """The fields of a config section that enter cache keys (``metadata['key']`` not False)."""
+    return {
+        f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("key", True)
+    }
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. crops: 10 written without quotes
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _apply_section(obj: Any, values: dict[str, Any], section: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for name, value in values.items():
+        where = f"{section}.{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{where}'{hint}; keys of '{section}': {', '.join(fields)}")
+        value = _coerce(value, hints[name], where)
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        setattr(obj, name, value)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{section}: {e}") from None
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.lr=0.002", ...]`` -> ``{"train": {"lr": 0.002}}``; values are parsed as YAML scalars."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, _, raw = item.partition("=")
+        section, dot, name = dotted.strip().partition(".")
+        if not dot or not name:
+            raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.lr")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def build_config(
+    layers: list[dict[str, Any]] | None = None,
+    sets: list[str] | None = None,
+    method: str | None = None,
+) -> RunConfig:
+    """Resolve a run config from override layers (e.g. parsed YAML files), ``--set`` items and ``--method``.
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, value outside its choices, unknown method.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers or []:
+        merged = _merge(merged, layer)
+    merged = _merge(merged, parse_set(sets or []))
+    for section in merged:
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config section '{section}'{hint}; sections: {', '.join(SECTIONS)}")
+    train_values = dict(merged.get("train") or {})
+    chosen = method or train_values.pop("method", None) or DEFAULT_METHOD
+    train_values.pop("method", None)
+    from pipeline.registry import RegistryError
+
+    try:
+        train_cls = train_config_class(str(chosen))
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
+    cfg = RunConfig(train=train_cls())
+    for section in SECTIONS:
+        if section in merged:
+            values = train_values if section == "train" else merged[section]
+            _apply_section(getattr(cfg, section), values, section)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (``train.method`` included), loadable with ``--config``."""
+    d = cfg.to_dict()
+    d["train"] = {"method": cfg.train.method, **d["train"]}
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def describe(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    """``(dotted key, value, doc)`` for every field, for ``pipeline config``."""
+    rows = []
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            rows.append((f"{section}.{f.name}", getattr(obj, f.name), f.metadata.get("doc", "")))
+    return rows

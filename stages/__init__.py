@@ -1,0 +1,22 @@
+"""The pipeline's stages, in dependency order: extract -> segment -> train -> evaluate.
+
+``decode`` is not a stage of its own: the extract stage decodes each video in bounded chunks
+(``pipeline.video``) and never stores raw frames.
+"""
+
+from __future__ import annotations
+
+from pipeline.runner import Stage
+
+
+def all_stages() -> list[Stage]:
+    """Fresh instances of every stage, in dependency order."""
+    from .evaluate import EvaluateStage
+    from .extract import ExtractStage
+    from .segment import SegmentStage
+    from .train import TrainStage
+
+    return [ExtractStage(), SegmentStage(), TrainStage(), EvaluateStage()]
+
+
+STAGE_NAMES = ("extract", "segment", "train", "evaluate")

@@ -1,0 +1,115 @@
+"""Evaluate stage: score every test video, map scores to frames, compute metrics, write a report.
+
+Frame mapping uses the clip frame ranges stored by the extract stage (no assumed fps or clip count):
+a clip score covers its clip's real frames; a segment score covers the frames of its clips. Where
+units overlap (a short video's segments repeat clips) a frame gets the mean of their scores. Frames
+no unit covers (a trailing partial clip dropped with ``extract.partial_clip=drop``) are left out of
+the metrics, as the published protocols truncate them. Crop scores are averaged per unit, as the
+authors do (PROTOCOLS.md, 'Evaluation').
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import atomic_save_npy, atomic_write_json
+from pipeline.metrics import VideoScores, frame_metrics
+from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
+
+from .train import load_detector
+
+log = logging.getLogger(__name__)
+
+
+def frames_from_units(unit_scores: np.ndarray, unit_frames: list[tuple[int, int]], n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spread unit scores over frames.
+
+    Args:
+        unit_scores: ``[U]`` scores of clips or segments.
+        unit_frames: each unit's frame range ``[start, end)``.
+        n_frames: frames in the video.
+    Returns:
+        ``scores`` ``[n_frames]`` float32 (mean of covering units, 0 where uncovered) and
+        ``covered`` ``[n_frames]`` bool.
+    """
+    total = np.zeros(n_frames, np.float64)
+    count = np.zeros(n_frames, np.int64)
+    for s, (a, b) in zip(unit_scores, unit_frames):
+        b = min(b, n_frames)
+        total[a:b] += float(s)
+        count[a:b] += 1
+    covered = count > 0
+    scores = np.where(covered, total / np.maximum(count, 1), 0.0).astype(np.float32)
+    return scores, covered
+
+
+def score_video(model: torch.nn.Module, ext: tuple[dict, dict], seg: tuple[dict, dict] | None, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame scores ``[n_frames]`` and coverage mask of one video (see module docstring)."""
+    meta, arrays = ext
+    clip_ranges = [tuple(r) for r in meta["clip_ranges"]]
+    if model.input_level == "segments":
+        if seg is None:
+            raise StageError("segment features missing")
+        seg_meta, seg_arrays = seg
+        bags = torch.from_numpy(seg_arrays["segments"]).to(device)  # [C, S, D]
+        units = model.score(bags).cpu().numpy()
+        unit_frames = [(clip_ranges[a][0], clip_ranges[b - 1][1]) for a, b in seg_meta["bins"]]
+    else:
+        bags = torch.from_numpy(arrays["features"]).permute(1, 0, 2).contiguous().to(device)  # [C, T, D]
+        units = model.score(bags).cpu().numpy()
+        unit_frames = clip_ranges
+    return frames_from_units(units, unit_frames, int(meta["n_frames"]))
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    version = 1
+    reads = ("evaluate",)
+    manifest_columns = ("id", "split", "label", "class", "intervals")
+    upstream = ("extract", "segment", "train")
+    per_video = False
+
+    def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
+        device = resolve_device(ctx.cfg.train.device)
+        model = load_detector(inputs["train"], device)
+        done = set(inputs["extract"].complete_items()) & set(inputs["segment"].complete_items())
+        tests = [v for v in ctx.manifest.split("test") if v.id in done]
+        missing = [v.id for v in ctx.manifest.split("test") if v.id not in done]
+        if not tests:
+            raise StageError("no test video has features; nothing to evaluate")
+        results: list[VideoScores] = []
+        warnings: list[str] = []
+        for v in tests:
+            ext = inputs["extract"].load_item(v.id)
+            seg = inputs["segment"].load_item(v.id)
+            scores, covered = score_video(model, ext, seg, device)
+            n = len(scores)
+            if any(e > n for _, e in v.intervals):
+                warnings.append(f"{v.id}: an anomaly interval ends after the video's {n} frames")
+            gt = np.asarray(v.frame_labels(n), np.uint8)
+            atomic_save_npy(out.items / f"{v.id}.scores.npy", np.where(covered, scores, np.nan).astype(np.float32))
+            results.append(VideoScores(v.id, scores[covered], gt[covered], v.label, v.cls))
+        metrics = frame_metrics(results, ctx.cfg.evaluate.far_threshold)
+        metrics["missing_test_videos"] = missing
+        metrics["warnings"] = warnings
+        metrics["config"] = ctx.cfg.to_dict()
+        metrics["cache_keys"] = {n: d.path.name for n, d in inputs.items()}
+        atomic_write_json(out.path / "metrics.json", metrics)
+        from pipeline.report import write_report
+
+        train_log = inputs["train"].path / "train_log.csv"
+        write_report(out.path, metrics, tests, out.items, train_log, plots=ctx.cfg.evaluate.plots)
+        log.info("evaluate: frame AUC %.4f over %d test videos", metrics["auc"] or float("nan"), len(results))
+        return {
+            "auc": metrics["auc"],
+            "ap": metrics["ap"],
+            "far": metrics["far"],
+            "report": str(out.path / "report.html"),
+            "metrics": str(out.path / "metrics.json"),
+        }
+
+

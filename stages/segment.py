@@ -1,0 +1,64 @@
+"""Segment stage: pool each video's clip features into a fixed number of segments (default 32).
+
+Two published schemes (PROTOCOLS.md, '32 segments'):
+
+- ``sultani`` (Sultani et al. 2018, Sec. 3.3 and their feature script): bin edges
+  ``round(linspace(0, T - 1, S + 1))`` over clip indices; segment i is the mean of clips
+  ``[e_i, e_{i+1})``, or clip ``e_i`` alone when the bin is empty; the last segment also takes clip
+  ``T - 1``; each segment is L2-normalised.
+- ``rtfm`` (Tian et al. 2021, their ``process_feat``): edges ``int(linspace(0, T, S + 1))``; mean of
+  ``[e_i, e_{i+1})``, or clip ``e_i`` when empty; no normalisation.
+
+Stored per video: ``segments`` ``[C, S, D]`` float32 and ``bins``: each segment's clip index range
+``[a, b)``, from which evaluation derives the frames a segment score covers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.manifest import VideoRecord
+from pipeline.runner import Context, Stage, StageDir
+
+
+def segment_bins(n_clips: int, n_segments: int, scheme: str) -> list[tuple[int, int]]:
+    """Clip index ranges ``[a, b)`` of each segment, every range non-empty and inside ``[0, n_clips)``."""
+    if n_clips < 1:
+        raise ValueError("a video needs at least one clip")
+    if scheme == "sultani":
+        edges = np.floor(np.linspace(0, n_clips - 1, n_segments + 1) + 0.5).astype(int)  # MATLAB round
+    elif scheme == "rtfm":
+        edges = np.linspace(0, n_clips, n_segments + 1).astype(int)
+    else:
+        raise ValueError(f"unknown segment scheme {scheme!r}")
+    bins = []
+    for i in range(n_segments):
+        a, b = int(edges[i]), int(edges[i + 1])
+        if scheme == "sultani" and i == n_segments - 1:
+            b = n_clips  # the last segment ends with the last clip
+        a = min(a, n_clips - 1)
+        bins.append((a, max(b, a + 1)))
+    return bins
+
+
+def pool_segments(features: np.ndarray, bins: list[tuple[int, int]], l2: bool) -> np.ndarray:
+    """``features`` ``[T, C, D]`` -> ``[C, S, D]`` float32, the mean of each bin (then unit L2 norm if ``l2``)."""
+    seg = np.stack([features[a:b].mean(axis=0) for a, b in bins], axis=1)  # [C, S, D]
+    if l2:
+        seg = seg / np.maximum(np.linalg.norm(seg, axis=-1, keepdims=True), 1e-12)
+    return seg.astype(np.float32)
+
+
+class SegmentStage(Stage):
+    name = "segment"
+    version = 1
+    reads = ("segment",)
+    upstream = ("extract",)
+
+    def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
+        cfg = ctx.cfg.segment
+        meta, arrays = inputs["extract"].load_item(video.id)
+        feats = arrays["features"]
+        bins = segment_bins(feats.shape[0], cfg.num_segments, cfg.scheme)
+        seg = pool_segments(feats, bins, l2=cfg.scheme == "sultani")
+        out.save_item(video.id, {"segments": seg}, {"bins": [list(b) for b in bins], "n_clips": int(feats.shape[0])})

@@ -1,0 +1,212 @@
+"""Train stage: fit the chosen detector on cached segment features, resumably.
+
+All training bags are loaded once into one ``[N, C, S, D]`` tensor (no per-step file reads). Every
+``train.checkpoint_every`` steps the model, optimiser, step, RNG states and config are written
+atomically to ``checkpoint.pt``; a rerun after a kill resumes from it and, with the same seed,
+ends with the same weights as an uninterrupted run. Model selection never looks at the test set:
+``train.selection=last`` keeps the last step, ``val`` the best step on a validation split carved
+(stratified, seeded) from the training videos, scored by video-level AUC of the max segment score.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import DETECTORS, FeatureBank
+from pipeline.cache import atomic_torch_save, atomic_write_text
+from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def load_bank(ctx: Context, seg_dir: StageDir, split: str = "train") -> FeatureBank:
+    """Every ``split`` video's segments as one FeatureBank (videos whose segments are missing are skipped)."""
+    done = set(seg_dir.complete_items())
+    videos = [v for v in ctx.manifest.split(split) if v.id in done]
+    if not videos:
+        raise StageError(f"no {split} videos have segment features in {seg_dir.path}")
+    feats, labels = [], []
+    for v in videos:
+        _, arrays = seg_dir.load_item(v.id)
+        feats.append(torch.from_numpy(arrays["segments"]))
+        labels.append(v.label)
+    shapes = {tuple(f.shape) for f in feats}
+    if len(shapes) != 1:
+        raise StageError(f"segment features of different shapes {sorted(shapes)}; rerun segment with --force")
+    return FeatureBank(torch.stack(feats), torch.tensor(labels), [v.id for v in videos])
+
+
+def split_validation(bank: FeatureBank, fraction: float, seed: int) -> tuple[FeatureBank, FeatureBank]:
+    """Stratified, seeded carve of ``fraction`` of each label's videos into a validation bank."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    train_idx, val_idx = [], []
+    for label in (0, 1):
+        idx = torch.nonzero(bank.labels == label).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        k = max(1, round(fraction * idx.numel())) if idx.numel() > 1 else 0
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    return bank.subset(torch.cat(train_idx).sort().values), bank.subset(torch.cat(val_idx).sort().values)
+
+
+def video_auc(model: torch.nn.Module, bank: FeatureBank) -> float:
+    """Video-level ROC AUC of each bag's max segment score (for validation; labels are video-level)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = [float(model.score(bank.features[i]).max()) for i in range(len(bank.ids))]
+    labels = bank.labels.numpy()
+    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
+
+
+class TrainStage(Stage):
+    name = "train"
+    version = 1
+    reads = ("train",)
+    manifest_columns = ("id", "split", "label")
+    upstream = ("segment",)
+    per_video = False
+
+    def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
+        return train_detector(ctx, out, inputs["segment"])
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "sampler": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_detector(ctx: Context, out: StageDir, seg_dir: StageDir) -> dict[str, Any]:
+    cfg = ctx.cfg.train
+    device = torch.device(resolve_device(cfg.device))
+    bank = load_bank(ctx, seg_dir)
+    if bank.abnormal_index.numel() == 0 or bank.normal_index.numel() == 0:
+        raise StageError("training needs both anomalous (label 1) and normal (label 0) training videos")
+    val = None
+    if cfg.selection == "val":
+        bank, val = split_validation(bank, cfg.val_fraction, cfg.seed)
+    bank = FeatureBank(bank.features.to(device), bank.labels.to(device), bank.ids)
+    feature_dim = int(bank.features.shape[-1])
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    model = DETECTORS.get(cfg.method, feature_dim=feature_dim, cfg=cfg).to(device)
+    optimizer = model.make_optimizer()
+    rows: list[dict[str, float]] = []
+    best: dict[str, Any] = {"step": None, "val_auc": None}
+    start = 0
+    ckpt_path = out.path / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], gen)
+        rows, best, start = ckpt["log"], ckpt["best"], ckpt["step"]
+        log.info("train: resuming from step %d of %d (%s)", start, cfg.iterations, ckpt_path)
+
+    def checkpoint(step: int) -> None:
+        atomic_torch_save(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(gen),
+                "step": step,
+                "log": rows,
+                "best": best,
+                "config": ctx.cfg.to_dict(),
+            },
+        )
+        _write_log(out, rows)
+
+    model.train()
+    steps = range(start, cfg.iterations)
+    if ctx.progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="train", unit="step", initial=start, total=cfg.iterations, dynamic_ncols=True)
+    for step in steps:
+        batch = model.sample_batch(bank, gen)
+        terms = model.losses(batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        row = {"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}}
+        if not np.isfinite(row["total"]):
+            raise StageError(f"train: loss became {row['total']} at step {step + 1}; lower train.lr?")
+        done = step + 1
+        if val is not None and (done % cfg.val_every == 0 or done == cfg.iterations):
+            row["val_auc"] = video_auc(model, val)
+            if best["val_auc"] is None or row["val_auc"] > best["val_auc"]:
+                best = {"step": done, "val_auc": row["val_auc"]}
+                atomic_torch_save(out.path / "best.pt", model.state_dict())
+            model.train()
+        rows.append(row)
+        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            checkpoint(done)
+
+    state = model.state_dict()
+    if cfg.selection == "val" and best["step"] is not None:
+        state = torch.load(out.path / "best.pt", map_location=device, weights_only=True)
+    atomic_torch_save(
+        out.path / "model.pt",
+        {
+            "method": cfg.method,
+            "feature_dim": feature_dim,
+            "input_level": model.input_level,
+            "state_dict": {k: v.cpu() for k, v in state.items()},
+            "train_config": ctx.cfg.to_dict()["train"],
+            "selected_step": best["step"] if cfg.selection == "val" else cfg.iterations,
+        },
+    )
+    final = rows[-1] if rows else {}
+    return {
+        "iterations": cfg.iterations,
+        "selection": cfg.selection,
+        "selected_step": best["step"] if cfg.selection == "val" else cfg.iterations,
+        "final_loss": final.get("total"),
+        "train_videos": len(bank.ids),
+        "val_videos": len(val.ids) if val is not None else 0,
+    }
+
+
+def _write_log(out: StageDir, rows: list[dict[str, float]]) -> None:
+    """Rewrite ``train_log.csv`` (every loss term per step) atomically."""
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out.path / "train_log.csv", buf.getvalue())
+
+
+def load_detector(train_dir: StageDir, device: str = "cpu") -> torch.nn.Module:
+    """The trained detector saved by the train stage, in eval mode."""
+    path = train_dir.path / "model.pt"
+    if not path.is_file():
+        raise StageError(f"{train_dir.path}: no trained detector (model.pt); run --stage train first")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    cls = DETECTORS.get_class(saved["method"])
+    cfg = cls.Config()
+    for k, v in saved["train_config"].items():
+        if hasattr(cfg, k):
+            setattr(cfg, k, tuple(v) if isinstance(getattr(cfg, k), tuple) else v)
+    model = cls(feature_dim=saved["feature_dim"], cfg=cfg)
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval()

@@ -1,0 +1,102 @@
+"""Shared fixtures: the shared reference data folder, tiny synthetic videos, a cheap test extractor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """``$VAD_SHARED_DATA`` or ``../shared/data`` beside the project root, if present."""
+    env = os.environ.get("VAD_SHARED_DATA")
+    path = Path(env) if env else ROOT.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def shared() -> Path:
+    path = shared_data()
+    if path is None:
+        pytest.skip("shared reference data not found (set VAD_SHARED_DATA or place it at ../shared/data)")
+    return path
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 30) -> None:
+    """Write uint8 ``[T, H, W, 3]`` RGB frames as near-lossless H.264 (yuv444p, crf 0)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height = frames.shape[2], frames.shape[1]
+        s.pix_fmt = "yuv444p"
+        s.options = {"crf": "0", "threads": "1"}
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+def moving_square_video(n: int, anomalous_from: int | None = None, seed: int = 0, h: int = 48, w: int = 64) -> np.ndarray:
+    """A grey scene with a slow square; from ``anomalous_from`` on, a bright fast square as well."""
+    rng = np.random.default_rng(seed)
+    bg = (rng.random((h, w, 1)) * 60 + 80).astype(np.uint8).repeat(3, axis=2)
+    frames = np.repeat(bg[None], n, axis=0).copy()
+    for t in range(n):
+        x = (t // 2 + seed * 7) % (w - 8)
+        frames[t, 20:28, x : x + 8] = (40, 40, 200)
+        if anomalous_from is not None and t >= anomalous_from:
+            x2 = (t * 9) % (w - 10)
+            frames[t, 5:15, x2 : x2 + 10] = (250, 250, 30)
+    return frames
+
+
+_registered = False
+
+
+def register_test_extractor() -> str:
+    """Register (once per process) ``test_motion``: an 8-D hand-made feature, for fast runner tests.
+
+    Per clip: mean R, G, B; mean absolute frame difference; share of bright-yellow pixels; their
+    temporal std; a constant. Cheap enough that a whole pipeline run takes seconds.
+    """
+    global _registered
+    from extractors import EXTRACTORS
+    from extractors.base import ClipExtractor
+
+    if not _registered:
+
+        @EXTRACTORS.register("test_motion")
+        class MotionExtractor(ClipExtractor):
+            feature_dim = 8
+            crop_size = 32
+            resize = ("short", 32)
+
+            @classmethod
+            def expected_checksum(cls, weights=None):
+                return "test-motion-v1" if not weights else super().expected_checksum(weights)
+
+            @property
+            def weights_checksum(self) -> str:
+                return "test-motion-v1"
+
+            def normalize(self, clips):
+                return clips / 255.0
+
+            def features(self, clips):
+                mean = clips.mean(dim=(2, 3, 4))  # [N, 3]
+                diff = (clips[:, :, 1:] - clips[:, :, :-1]).abs().mean(dim=(1, 2, 3, 4))[:, None]
+                yellow = ((clips[:, 0] > 0.85) & (clips[:, 1] > 0.85) & (clips[:, 2] < 0.4)).float()
+                y_mean = yellow.mean(dim=(1, 2, 3))[:, None]
+                y_std = yellow.mean(dim=(2, 3)).std(dim=1)[:, None]
+                return torch.cat([mean, diff * 10, y_mean * 10, y_std * 10, torch.ones_like(y_mean)], 1)
+
+        _registered = True
+    return "test_motion"

@@ -1,0 +1,206 @@
+"""Stage runner: caching, cache keys, resume, --force, failures and status, on tiny synthetic videos.
+
+Uses the cheap ``test_motion`` extractor (tests/conftest.py) so that a whole run takes seconds;
+the real Inception-I3D runs in tests/test_demo_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import moving_square_video, register_test_extractor, write_video
+from pipeline.cli import main
+from pipeline.config import build_config
+from pipeline.runner import Context, Runner
+from stages import all_stages
+
+
+def make_dataset(root: Path, broken: bool = False) -> Path:
+    """8 training and 4 test videos (half anomalous: a fast yellow square), plus a manifest."""
+    rows = ["id,path,split,label,class,intervals"]
+    k = 0
+    for split, n in (("train", 8), ("test", 4)):
+        for i in range(n):
+            label = i % 2
+            length = 48 + 8 * (i % 3)  # 48, 56, 64 frames: some end with a partial clip
+            start = 16 if label else None
+            write_video(root / f"{split}{i}.mp4", moving_square_video(length, start, seed=k))
+            iv = f"{start}-{length}" if (label and split == "test") else ""
+            rows.append(f"{split}{i},{split}{i}.mp4,{split},{label},{'Square' if label else 'Normal'},{iv}")
+            k += 1
+    if broken:
+        (root / "broken.mp4").write_text("this is not a video\n")
+        rows.append("broken,broken.mp4,train,0,Normal,")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+SETTINGS = [
+    "extract.extractor=test_motion",
+    "extract.crops=center",
+    "train.iterations=60",
+    "train.batch_abnormal=4",
+    "train.batch_normal=4",
+    "train.checkpoint_every=20",
+    "train.hidden=[16,8]",
+]
+
+
+def make_runner(manifest: Path, run_dir: Path, extra: list[str] = ()) -> Runner:
+    register_test_extractor()
+    cfg = build_config(sets=[f"data.manifest={manifest}", *SETTINGS, *extra])
+    return Runner(Context(cfg, run_dir, progress=False), all_stages())
+
+
+def by_stage(reports):
+    return {r.stage: r for r in reports}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def test_full_run_then_everything_cached(dataset, tmp_path):
+    reports = by_stage(make_runner(dataset, tmp_path).run(["evaluate"]))
+    assert reports["extract"].computed == 12 and reports["segment"].computed == 12
+    assert reports["train"].state == "computed" and reports["evaluate"].state == "computed"
+    metrics = json.loads((reports["evaluate"].path / "metrics.json").read_text())
+    assert metrics["auc"] > 0.9  # the fast yellow square is obvious to this feature
+    assert (reports["evaluate"].path / "report.html").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+
+    again = by_stage(make_runner(dataset, tmp_path).run(["evaluate"]))
+    assert [again[s].computed for s in ("extract", "segment", "train", "evaluate")] == [0, 0, 0, 0]
+    assert again["extract"].cached == 12
+    status = {r["stage"]: r for r in make_runner(dataset, tmp_path).status()}
+    assert all(r["state"] == "done" for r in status.values())
+    assert "up to date" in status["train"]["why"]
+
+
+def test_training_setting_keeps_features_crop_change_does_not(dataset, tmp_path):
+    first = by_stage(make_runner(dataset, tmp_path).run(["evaluate"]))
+    status = {r["stage"]: r for r in make_runner(dataset, tmp_path, ["train.lr=0.002"]).status()}
+    assert status["extract"]["state"] == "done" and status["segment"]["state"] == "done"
+    assert status["train"]["state"] == "stale" and "train.lr: 0.01 -> 0.002" in status["train"]["why"]
+    assert status["evaluate"]["state"] == "stale"
+
+    lr = by_stage(make_runner(dataset, tmp_path, ["train.lr=0.002"]).run(["evaluate"]))
+    assert lr["extract"].computed == 0 and lr["segment"].computed == 0
+    assert lr["extract"].path == first["extract"].path
+    assert lr["train"].state == "computed" and lr["evaluate"].state == "computed"
+    assert lr["train"].path != first["train"].path
+
+    for change in ("extract.crops=5", "extract.clip_len=8", "extract.partial_clip=drop"):
+        status = {r["stage"]: r for r in make_runner(dataset, tmp_path, [change]).status()}
+        assert status["extract"]["state"] == "stale", change
+        assert change.split("=")[0] in status["extract"]["why"]
+
+
+def test_rerun_computes_only_missing_items_and_force_redoes(dataset, tmp_path):
+    runner = make_runner(dataset, tmp_path)
+    ext = by_stage(runner.run(["extract"]))["extract"]
+    items = ext.path / "items"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in items.iterdir()}
+    # as if killed before finishing: one item's marker gone, the DONE marker not yet written,
+    # a half-written temp file left behind
+    (items / "train3.json").unlink()
+    (ext.path / "DONE").unlink()
+    (items / ".train5.features.npy.abc.tmp").write_bytes(b"\x93NUMPY half")
+    status = {r["stage"]: r for r in make_runner(dataset, tmp_path).status()}
+    assert status["extract"]["state"] == "partial" and "11/12" in status["extract"]["why"]
+
+    again = by_stage(make_runner(dataset, tmp_path).run(["extract"]))["extract"]
+    assert again.computed == 1 and again.cached == 11
+    assert not list(items.glob(".*.tmp"))
+    for p in items.iterdir():
+        if not p.name.startswith("train3."):
+            assert p.stat().st_mtime_ns == mtimes[p.name], p.name
+
+    forced = by_stage(make_runner(dataset, tmp_path).run(["extract"], force={"extract"}))["extract"]
+    assert forced.computed == 12
+
+
+def test_corrupt_item_is_detected(dataset, tmp_path):
+    from pipeline.runner import CorruptArtifact
+
+    ext = by_stage(make_runner(dataset, tmp_path).run(["extract"]))["extract"]
+    from pipeline.runner import StageDir
+
+    sd = StageDir(ext.path)
+    f = ext.path / "items" / "test1.features.npy"
+    data = bytearray(f.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # same size, different content
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifact, match="checksum"):
+        sd.load_item("test1")
+    f.write_bytes(bytes(data[:-100]))  # truncated: no longer counts as complete
+    assert not sd.item_complete("test1")
+
+
+def test_broken_video_is_recorded_and_others_go_on(tmp_path, capsys):
+    manifest = make_dataset(tmp_path / "data", broken=True)
+    register_test_extractor()
+    args = ["run", "--stage", "all", "--run-dir", str(tmp_path / "run"), "--set", f"data.manifest={manifest}"]
+    for s in SETTINGS:
+        args += ["--set", s]
+    assert main(["-q", *args]) == 1
+    out = capsys.readouterr().out
+    assert "broken" in out and "broken.mp4" in out.replace("\\", "/") or "VideoDecodeError" in out
+    latest = json.loads((tmp_path / "run" / "latest.json").read_text())
+    ext_dir = tmp_path / "run" / latest["extract"]
+    failures = [json.loads(line) for line in (ext_dir / "failures.jsonl").read_text().splitlines()]
+    assert [f["video"] for f in failures] == ["broken"] and failures[0]["stage"] == "extract"
+    assert len(list((ext_dir / "items").glob("*.json"))) == 12
+    assert (tmp_path / "run" / latest["evaluate"] / "metrics.json").is_file()
+
+
+def test_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
+    ref = by_stage(make_runner(dataset, tmp_path / "a").run(["train"]))["train"]
+    ref_state = torch.load(ref.path / "model.pt", weights_only=True)["state_dict"]
+
+    # interrupt the second run at step 50 (after the checkpoint at step 40)
+    calls = {"n": 0}
+    orig = torch.optim.Adagrad.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise KeyboardInterrupt
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adagrad, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        make_runner(dataset, tmp_path / "b").run(["train"])
+    monkeypatch.setattr(torch.optim.Adagrad, "step", orig)
+    ckpt = next((tmp_path / "b" / "cache" / "train").glob("*/checkpoint.pt"))
+    assert torch.load(ckpt, weights_only=True)["step"] == 40
+
+    resumed = by_stage(make_runner(dataset, tmp_path / "b").run(["train"]))["train"]
+    state = torch.load(resumed.path / "model.pt", weights_only=True)["state_dict"]
+    for k in ref_state:
+        assert torch.equal(ref_state[k], state[k]), k
+    log_rows = (resumed.path / "train_log.csv").read_text().splitlines()
+    assert len(log_rows) == 1 + 60
+
+
+def test_validation_selection_never_uses_test_videos(dataset, tmp_path):
+    r = by_stage(make_runner(dataset, tmp_path, ["train.selection=val", "train.val_every=20", "train.val_fraction=0.25"]).run(["train"]))["train"]
+    assert r.summary["val_videos"] == 2 and r.summary["train_videos"] == 6
+    assert r.summary["selected_step"] in (20, 40, 60)
+
+
+def test_frame_mapping_from_clip_ranges():
+    from stages.evaluate import frames_from_units
+
+    scores, covered = frames_from_units(np.array([0.2, 0.8]), [(0, 16), (16, 20)], 24)
+    assert np.allclose(scores[:16], 0.2) and np.allclose(scores[16:20], 0.8)
+    assert covered[:20].all() and not covered[20:].any()
+    # overlapping units (a short video's repeated segments) average
+    scores, _ = frames_from_units(np.array([0.2, 0.6]), [(0, 16), (0, 16)], 16)
+    assert np.allclose(scores, 0.4)
