@@ -1,0 +1,68 @@
+"""Config: dataclass defaults, YAML and --set overrides, validation before any work."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, build_config, dump_config, load_yaml
+
+
+def test_defaults_are_the_papers():
+    cfg = build_config()
+    assert cfg.train.method == "sultani_mil"
+    assert cfg.train.lr == 0.01 and cfg.train.iterations == 20000 and cfg.train.batch_abnormal == 30
+    assert cfg.extract.clip_len == 16 and cfg.segment.num_segments == 32
+
+
+def test_yaml_then_set_then_method(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.05\n  iterations: 10\nextract:\n  crops: 5\n")
+    cfg = build_config([load_yaml(f)], ["train.lr=0.002"])
+    assert cfg.train.lr == 0.002 and cfg.train.iterations == 10 and cfg.extract.crops == "5"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = build_config(sets=["train.hidden=[64, 8]", "evaluate.far_threshold=0.3"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump_config(cfg))
+    again = build_config([yaml.safe_load(f.read_text())])
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (["train.lr=fast"], "train.lr: expected float, got 'fast'"),
+        (["train.iterations=1.5"], "train.iterations: expected int"),
+        (["extract.crops=3"], "extract.crops: '3' is not one of"),
+        (["evaluate.plots=maybe"], "evaluate.plots: expected bool"),
+        (["extrct.crops=5"], "unknown config section 'extrct' (did you mean 'extract'?)"),
+        (["train.lr"], "expected section.key=value"),
+        (["train.lr=-1"], "lr must be > 0"),
+        (["train.method=nope"], "unknown detector 'nope'"),
+    ],
+)
+def test_bad_values_are_clear_errors(sets, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(sets=sets)
+    assert message in str(e.value)
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", "--run-dir", str(run_dir), "--set", "train.lrr=0.1"])
+    assert code == 2
+    assert "unknown config key 'train.lrr'" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_yaml(f)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_yaml(tmp_path / "missing.yaml")
