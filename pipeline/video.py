@@ -1,0 +1,362 @@
+"""Decoding videos and frame folders into RGB chunks with bounded memory.
+
+``open_video(path)`` accepts a video file (decoded with decord) or a folder of JPEG/PNG frames
+(read with OpenCV in natural filename order: ``1.jpg, 2.jpg, 10.jpg``). Either way it returns a
+:class:`VideoSource` whose :meth:`VideoSource.iter_chunks` yields ``(start_frame, frames)`` with
+``frames`` a contiguous uint8 ``[n, H, W, 3]`` RGB array; never more than one chunk is in memory.
+
+Every problem (missing path, a file that is not a video, an empty or zero-length file, an empty
+folder, an unreadable image, images of different sizes) raises :class:`VideoDecodeError` naming
+the file or folder. A container that reports more frames than it holds (a truncated download, a
+wrong header) is decoded up to its last decodable frame; ``frames_decoded`` then holds the true
+count and a warning is logged.
+
+decord is imported lazily, inside the functions that need it, so that training code importing
+this module never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: file suffixes (lower case) read as frames of a frame folder
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_FOLDER_FPS = 30.0
+
+
+class VideoDecodeError(RuntimeError):
+    """A video or frame folder that cannot be decoded; the message names the path and the problem."""
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key putting ``2.jpg`` before ``10.jpg`` (digit runs compare as numbers)."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts if p != "")
+
+
+class VideoSource:
+    """An opened video or frame folder.
+
+    Attributes:
+        path: the file or folder.
+        fps: frames per second (the container's; ``folder_fps`` for frame folders).
+        height, width: frame size in pixels.
+        num_frames: the frame count the container (or folder listing) reports; a damaged container
+            may report more frames than it holds.
+        frames_decoded: ``None`` until an :meth:`iter_chunks` pass ends, then the number of frames
+            it actually yielded (the true count).
+    """
+
+    kind: str = "?"
+
+    def __init__(self, path: Path, fps: float, height: int, width: int, num_frames: int) -> None:
+        self.path = path
+        self.fps = float(fps)
+        self.height = int(height)
+        self.width = int(width)
+        self.num_frames = int(num_frames)
+        self.frames_decoded: int | None = None
+
+    def iter_chunks(self, chunk_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start_frame, frames)``, ``frames`` uint8 ``[n, H, W, 3]`` RGB, ``n <= chunk_frames``.
+
+        Chunks are consecutive: each ``start_frame`` is the previous one plus its length.
+        """
+        if int(chunk_frames) < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.frames_decoded = None
+        count = 0
+        for start, frames in self._chunks(int(chunk_frames)):
+            count = start + len(frames)
+            yield start, frames
+        self.frames_decoded = count
+
+    def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        raise NotImplementedError
+
+    def read_all(self) -> np.ndarray:
+        """Every frame at once, ``[N, H, W, 3]``; for tests and short clips only."""
+        chunks = [f for _, f in self.iter_chunks()]
+        if not chunks:
+            return np.zeros((0, self.height, self.width, 3), np.uint8)
+        return np.concatenate(chunks)
+
+    def close(self) -> None:
+        """Release the decoder (a later :meth:`iter_chunks` reopens it)."""
+
+    def __enter__(self) -> "VideoSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, fps={self.fps:g}, {self.width}x{self.height}, "
+            f"num_frames={self.num_frames})"
+        )
+
+
+def _to_rgb3(frames: np.ndarray, where: Path) -> np.ndarray:
+    """``[n, H, W]`` / ``[n, H, W, 1|3|4]`` -> contiguous uint8 ``[n, H, W, 3]``."""
+    if frames.dtype != np.uint8:
+        raise VideoDecodeError(f"{where}: decoder returned {frames.dtype} frames, expected uint8")
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.ndim != 4:
+        raise VideoDecodeError(f"{where}: decoder returned frames of shape {frames.shape}")
+    c = frames.shape[-1]
+    if c == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    elif c == 4:
+        frames = frames[..., :3]
+    elif c != 3:
+        raise VideoDecodeError(f"{where}: decoder returned {c}-channel frames")
+    return np.ascontiguousarray(frames)
+
+
+class DecordVideo(VideoSource):
+    """A video file decoded with decord, ``chunk_frames`` frames per ``get_batch`` call."""
+
+    kind = "video"
+
+    def __init__(self, path: Path, fallback_fps: float = DEFAULT_FOLDER_FPS, num_threads: int = 0) -> None:
+        self._num_threads = num_threads
+        self._reader: Any = None
+        reader = self._open(path)
+        n = len(reader)
+        if n <= 0:
+            raise VideoDecodeError(f"{path}: the container reports no video frames")
+        try:
+            first = reader[0].asnumpy()
+        except Exception as exc:  # decord raises its own DECORDError (a RuntimeError)
+            raise VideoDecodeError(f"{path}: cannot decode the first frame: {_short(exc)}") from exc
+        first = _to_rgb3(first[None], path)[0]
+        fps = _float_or_nan(reader.get_avg_fps)
+        if not (math.isfinite(fps) and fps > 0):
+            log.warning("%s: the container reports no valid frame rate (%r); using %g fps", path, fps, fallback_fps)
+            fps = float(fallback_fps)
+        super().__init__(path, fps, first.shape[0], first.shape[1], n)
+        self._reader = reader
+
+    def _open(self, path: Path) -> Any:
+        import decord  # lazily: training code never imports decord
+
+        try:
+            return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=self._num_threads)
+        except Exception as exc:
+            raise VideoDecodeError(f"{path}: not a readable video: {_short(exc)}") from exc
+
+    def close(self) -> None:
+        self._reader = None
+
+    def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        reader = self._reader if self._reader is not None else self._open(self.path)
+        self._reader = reader
+        n = self.num_frames
+        for start in range(0, n, chunk_frames):
+            stop = min(n, start + chunk_frames)
+            try:
+                frames = reader.get_batch(list(range(start, stop))).asnumpy()
+            except Exception as exc:
+                # The container promised frames it cannot deliver (a truncated file, a wrong count).
+                # decord's own random access is unreliable past such damage, so decode the rest
+                # frame by frame, sequentially, and stop at the last decodable frame.
+                log.debug("%s: decord failed on frames %d..%d (%s); decoding frame by frame", self.path,
+                          start, stop - 1, _short(exc))
+                end = start
+                for s, frames in self._sequential_tail(reader, start, chunk_frames):
+                    end = s + len(frames)
+                    yield s, frames
+                if end == 0:
+                    raise VideoDecodeError(f"{self.path}: no frame could be decoded: {_short(exc)}") from exc
+                if end < n:
+                    log.warning(
+                        "%s: the container reports %d frames but only the first %d can be decoded (%s); "
+                        "using those",
+                        self.path, n, end, _short(exc),
+                    )
+                return
+            yield start, self._check(_to_rgb3(frames, self.path), start)
+
+    def _sequential_tail(self, reader: Any, start: int, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Frames ``start..`` decoded one by one with PyAV, in chunks, until the first decode error.
+
+        A frame's index is found from its timestamp in decord's frame index, so the frames line
+        up with the ones decord already delivered; a frame that matches no index, or a gap, ends
+        the decoding as a decode error does.
+        """
+        import av
+
+        n = self.num_frames
+        try:
+            ts = np.asarray(reader.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
+        except Exception:
+            ts = None  # no timestamps: count frames from the start of the stream instead
+        tol = 0.5 / self.fps
+        try:
+            container = av.open(str(self.path))
+        except Exception as exc:
+            log.debug("%s: PyAV cannot open the file either: %s", self.path, _short(exc))
+            return
+        try:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            if ts is not None and start > 0 and stream.time_base:
+                try:
+                    target = max(0.0, ts[start] - tol)
+                    container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+                except Exception:
+                    container.close()
+                    container = av.open(str(self.path))
+                    stream = container.streams.video[0]
+                    stream.thread_count = 1
+            expected, counter = start, 0
+            buf: list[np.ndarray] = []
+            decoded = container.decode(stream)
+            while expected < n:
+                try:
+                    frame = next(decoded)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    log.debug("%s: decoding stops after frame %d: %s", self.path, expected - 1, _short(exc))
+                    break
+                if ts is not None and frame.time is not None:
+                    i = int(np.searchsorted(ts, frame.time))
+                    cands = [j for j in (i - 1, i) if 0 <= j < n]
+                    idx = min(cands, key=lambda j: abs(ts[j] - frame.time))
+                    if abs(ts[idx] - frame.time) > tol:
+                        log.debug("%s: frame at %.4fs matches no frame index; stopping", self.path, frame.time)
+                        break
+                else:
+                    idx, counter = counter, counter + 1
+                if idx < expected:
+                    continue
+                if idx > expected:
+                    log.debug("%s: frames %d..%d missing; stopping", self.path, expected, idx - 1)
+                    break
+                img = frame.to_ndarray(format="rgb24")
+                if img.shape[:2] != (self.height, self.width):
+                    break
+                buf.append(img)
+                expected += 1
+                if len(buf) == chunk_frames:
+                    yield expected - len(buf), np.ascontiguousarray(np.stack(buf))
+                    buf = []
+            if buf:
+                yield expected - len(buf), np.ascontiguousarray(np.stack(buf))
+        finally:
+            container.close()
+
+    def _check(self, frames: np.ndarray, start: int) -> np.ndarray:
+        if frames.shape[1:3] != (self.height, self.width):
+            raise VideoDecodeError(
+                f"{self.path}: frame size changes from {self.width}x{self.height} to "
+                f"{frames.shape[2]}x{frames.shape[1]} near frame {start}"
+            )
+        return frames
+
+
+class FrameFolder(VideoSource):
+    """A folder of JPEG/PNG frames, one image per frame, in natural filename order."""
+
+    kind = "frames"
+
+    def __init__(self, path: Path, fps: float = DEFAULT_FOLDER_FPS) -> None:
+        try:
+            names = [
+                p.name
+                for p in path.iterdir()
+                if not p.name.startswith(".") and p.suffix.lower() in FRAME_SUFFIXES and p.is_file()
+            ]
+        except OSError as exc:
+            raise VideoDecodeError(f"{path}: cannot list the frame folder: {exc}") from exc
+        if not names:
+            raise VideoDecodeError(
+                f"{path}: empty frame folder (no {'/'.join(s[1:] for s in FRAME_SUFFIXES)} images)"
+            )
+        if not (math.isfinite(float(fps)) and float(fps) > 0):
+            raise ValueError(f"folder_fps must be a positive number, got {fps!r}")
+        self.files = [path / n for n in sorted(names, key=natural_key)]
+        first = self._read(self.files[0])
+        super().__init__(path, fps, first.shape[0], first.shape[1], len(self.files))
+
+    @staticmethod
+    def _read(file: Path) -> np.ndarray:
+        import cv2
+
+        try:
+            data = np.fromfile(file, dtype=np.uint8)  # also handles non-ASCII paths on every OS
+        except OSError as exc:
+            raise VideoDecodeError(f"{file}: cannot read frame image: {exc}") from exc
+        if data.size == 0:
+            raise VideoDecodeError(f"{file}: empty frame image (0 bytes)")
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grayscale/alpha/16-bit -> 8-bit BGR
+        if img is None or img.ndim != 3 or img.shape[2] != 3:
+            raise VideoDecodeError(f"{file}: not a readable JPEG/PNG image")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, len(self.files), chunk_frames):
+            files = self.files[start : start + chunk_frames]
+            out = np.empty((len(files), self.height, self.width, 3), np.uint8)
+            for j, f in enumerate(files):
+                img = self._read(f)
+                if img.shape[:2] != (self.height, self.width):
+                    raise VideoDecodeError(
+                        f"{f}: image is {img.shape[1]}x{img.shape[0]} but the folder's first frame "
+                        f"{self.files[0].name} is {self.width}x{self.height}; all frames must have one size"
+                    )
+                out[j] = img
+            yield start, out
+
+
+def open_video(path: str | Path, folder_fps: float = DEFAULT_FOLDER_FPS) -> VideoSource:
+    """Open a video file or a JPEG/PNG frame folder.
+
+    Args:
+        path: the video file or the frame folder.
+        folder_fps: frame rate of a frame folder (which has none of its own); also used for a
+            video whose container reports no valid frame rate.
+
+    Raises:
+        VideoDecodeError: naming the path and the problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VideoDecodeError(f"{p}: no such video file or frame folder")
+    if p.is_dir():
+        return FrameFolder(p, fps=folder_fps)
+    if not p.is_file():
+        raise VideoDecodeError(f"{p}: not a regular file or folder")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise VideoDecodeError(f"{p}: cannot read: {exc}") from exc
+    if size == 0:
+        raise VideoDecodeError(f"{p}: empty file (0 bytes)")
+    return DecordVideo(p, fallback_fps=folder_fps)
+
+
+def _float_or_nan(fn: Any) -> float:
+    try:
+        return float(fn())
+    except Exception:
+        return float("nan")
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """A one-line excerpt of an exception message (decord's carry C++ source locations)."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text)
+    text = text.split("Stack trace")[0].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
