@@ -70,7 +70,7 @@ def _training_plot(train_log: Path) -> bytes | None:
         return None
     keys = [k for k in rows[0] if k not in ("step", "val_auc")]
     steps = np.array([float(r["step"]) for r in rows])
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False, layout="constrained")
     for ax, k in zip(axes[0], keys):
         ax.plot(steps, [float(r[k]) for r in rows], lw=0.8)
         ax.set_title(k, fontsize=9)

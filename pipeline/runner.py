@@ -480,13 +480,20 @@ class Runner:
         return "; ".join(parts) or "unknown difference"
 
 
-def _progress(items: list[VideoRecord], desc: str, enabled: bool) -> Iterator[VideoRecord]:
+def progress_bar(iterable: Any, enabled: bool = True, **kw: Any) -> Any:
+    """A tqdm bar on stderr; refreshed every 10 s (not 0.1 s) when stderr is not a terminal, so
+    logs of batch jobs stay readable."""
     if not enabled:
-        yield from items
-        return
+        return iterable
+    import sys
+
     from tqdm import tqdm
 
-    yield from tqdm(items, desc=desc, unit="video", dynamic_ncols=True)
+    return tqdm(iterable, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0, **kw)
+
+
+def _progress(items: list[VideoRecord], desc: str, enabled: bool) -> Iterator[VideoRecord]:
+    yield from progress_bar(items, enabled, desc=desc, unit="video")
 
 
 def resolve_device(name: str) -> str:
@@ -506,5 +513,6 @@ __all__ = [
     "StageDir",
     "StageError",
     "StageReport",
+    "progress_bar",
     "resolve_device",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from models import DETECTORS, FeatureBank
 from pipeline.cache import atomic_torch_save, atomic_write_text
-from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
+from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,9 @@ def train_detector(ctx: Context, out: StageDir, seg_dir: StageDir) -> dict[str, 
         _write_log(out, rows)
 
     model.train()
-    steps = range(start, cfg.iterations)
-    if ctx.progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc="train", unit="step", initial=start, total=cfg.iterations, dynamic_ncols=True)
+    steps = progress_bar(
+        range(start, cfg.iterations), ctx.progress, desc="train", unit="step", initial=start, total=cfg.iterations
+    )
     for step in steps:
         batch = model.sample_batch(bank, gen)
         terms = model.losses(batch)

@@ -204,3 +204,22 @@ def test_frame_mapping_from_clip_ranges():
     # overlapping units (a short video's repeated segments) average
     scores, _ = frames_from_units(np.array([0.2, 0.6]), [(0, 16), (0, 16)], 16)
     assert np.allclose(scores, 0.4)
+
+
+def test_training_and_evaluation_never_import_decord(dataset, tmp_path):
+    """After extraction, `run --stage evaluate` (train + evaluate) loads no decoder."""
+    import subprocess
+    import sys
+
+    make_runner(dataset, tmp_path).run(["segment"])
+    script = (
+        "import sys; sys.path.insert(0, {tests!r})\n"
+        "from conftest import register_test_extractor; register_test_extractor()\n"
+        "from pipeline.cli import main\n"
+        "code = main(['-q', 'run', '--stage', 'evaluate', '--run-dir', {run!r}] + sum([['--set', s] for s in {sets!r}], []))\n"
+        "assert code == 0, code\n"
+        "assert 'decord' not in sys.modules, 'decord was imported'\n"
+        "print('OK')\n"
+    ).format(tests=str(Path(__file__).parent), run=str(tmp_path), sets=[f"data.manifest={dataset}", *SETTINGS])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
