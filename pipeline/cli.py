@@ -135,7 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     runner = Runner(Context(cfg, args.run_dir, progress=False), all_stages())
     for row in runner.status():
         print(f"{row['stage']:<10} {row['state']:<8} {row['why']}")
-        if row.get("path") and row["state"] != "missing":
+        if row.get("path") and row["state"] in ("done", "partial"):
             print(f"{'':<19} {row['path']}")
     return 0
 
