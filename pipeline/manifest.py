@@ -3,7 +3,8 @@
 Format (documented in ``data_manifests/README.md``): a UTF-8 CSV file with the header
 ``id,path,split,label,class,intervals``; lines starting with ``#`` are comments.
 
-- ``id``: unique video id (letters, digits, ``_ - .``), used to name every cached artifact.
+- ``id``: unique video id naming every cached artifact: no ``/``, ``\\``, comma, whitespace or
+  control character, and no leading dot.
 - ``path``: the video file or JPEG frame folder, relative to the data root; it may not be absolute
   nor climb out of the root with ``..``.
 - ``split``: ``train`` or ``test``.
@@ -24,7 +25,9 @@ from pathlib import Path, PurePosixPath
 
 COLUMNS = ("id", "path", "split", "label", "class", "intervals")
 SPLITS = ("train", "test")
-_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# ids name files: no path separators, commas, whitespace or control characters, no leading dot
+# (XD-Violence names contain '#', '=' and '&', so a stricter set would reject real datasets)
+_ID_RE = re.compile(r"^[^./\\,\s\x00-\x1f][^/\\,\s\x00-\x1f]*$")
 
 
 class ManifestError(ValueError):
@@ -153,7 +156,7 @@ def load_manifest(source: str | Path, root: str | Path | None = None, check_file
             raise ManifestError(f"{where}: expected {len(COLUMNS)} columns, got {len(cells)}")
         vid, path, split, label, cls, intervals = (c.strip() for c in cells)
         if not _ID_RE.match(vid):
-            raise ManifestError(f"{where}: bad id {vid!r}: use letters, digits, '_', '-', '.'")
+            raise ManifestError(f"{where}: bad id {vid!r}: no '/', '\\', ',', whitespace or leading '.' allowed")
         if vid in seen:
             raise ManifestError(f"{where}: duplicate id {vid!r} (first on line {seen[vid]})")
         seen[vid] = lineno
