@@ -4,6 +4,8 @@
                  [--set a.b=c ...] [--force] [--run-dir DIR]
     pipeline status [--run-dir DIR] [same config options]
     pipeline demo [--run-dir DIR] [--set a.b=c ...]
+    pipeline manifest build {ucf-crime,shanghaitech,xd-violence,ucsd-ped2} --root DIR [--annotations DIR] [--out FILE]
+    pipeline score VIDEO... --run-dir DIR [--out DIR] [--online]
     pipeline list
     pipeline config [same config options]
 
@@ -62,6 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "(pipeline/demo.yaml), then prints the frame-level AUC and the report's path.")
     demo.add_argument("--force", action="store_true", help="recompute every stage")
     _add_config_args(demo, run_dir_default="runs/demo")
+
+    man = sub.add_parser("manifest", help="build a manifest from a benchmark's own annotation files",
+                         description="Build a manifest (data_manifests/README.md) for a downloaded benchmark.")
+    man_sub = man.add_subparsers(dest="manifest_command", required=True, metavar="ACTION")
+    mb = man_sub.add_parser("build", help="read a dataset's split/annotation files and write a manifest",
+                            description="Read a dataset's own split and annotation files and write a manifest; "
+                            "videos listed but missing under --root are reported.")
+    mb.add_argument("dataset", choices=("ucf-crime", "shanghaitech", "xd-violence", "ucsd-ped2"))
+    mb.add_argument("--root", required=True, type=Path, help="the dataset's folder (videos / frame folders)")
+    mb.add_argument("--annotations", type=Path, default=None,
+                    help="folder holding the split and annotation files (default: searched under --root)")
+    mb.add_argument("--out", type=Path, default=None, help="manifest to write (default: ./<dataset>.csv)")
+
+    score = sub.add_parser("score", help="score new videos with a trained run (per-frame CSV/JSON + plot)",
+                           description="Score videos or frame folders with the extractor and trained detector "
+                           "of an existing run directory.")
+    score.add_argument("videos", nargs="+", type=Path, help="video files or JPEG/PNG frame folders")
+    score.add_argument("--run-dir", required=True, type=Path, help="a run directory with a trained detector")
+    score.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/scores)")
+    score.add_argument("--online", action="store_true",
+                       help="emit scores clip by clip while decoding (causal detectors only)")
 
     sub.add_parser("list", help="list registered extractors and detectors",
                    description="List the registered extractors and detectors.")
@@ -182,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, preset=[demo_preset()])
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "manifest":
+            from pipeline.datasets import cmd_manifest_build
+
+            return cmd_manifest_build(args)
+        if args.command == "score":
+            from pipeline.score import cmd_score
+
+            return cmd_score(args)
         if args.command == "list":
             return cmd_list(args)
         if args.command == "config":
