@@ -5,6 +5,7 @@
     pipeline status [--run-dir DIR] [same config options]
     pipeline demo [--run-dir DIR] [--set a.b=c ...]
     pipeline manifest build {ucf-crime,shanghaitech,xd-violence,ucsd-ped2} --root DIR [--annotations DIR] [--out FILE]
+    pipeline import-features --format {rtfm,roc-ng,sultani} --root DIR --manifest FILE [--run-dir DIR]
     pipeline score VIDEO... --run-dir DIR [--out DIR] [--online]
     pipeline list
     pipeline config [same config options]
@@ -76,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--annotations", type=Path, default=None,
                     help="folder holding the split and annotation files (default: searched under --root)")
     mb.add_argument("--out", type=Path, default=None, help="manifest to write (default: ./<dataset>.csv)")
+
+    imp = sub.add_parser("import-features", help="register published precomputed features as extracted features",
+                         description="Read published feature files (RTFM [T,10,2048] .npy; Roc-Ng per-crop "
+                         "__0..__9 .npy; Sultani 32x4096 .txt) for every video of a manifest and store them as the "
+                         "extract stage's artifacts, so that segment, train and evaluate run on them unchanged.")
+    imp.add_argument("--format", required=True, choices=("rtfm", "roc-ng", "sultani"), dest="import_format")
+    imp.add_argument("--root", required=True, type=Path, help="folder holding the feature files (searched recursively)")
+    imp.add_argument("--manifest", required=True, type=Path, help="the dataset's manifest")
+    imp.add_argument("--data-root", default=None, help="data root of the manifest's video paths (default: its folder)")
+    imp.add_argument("--force", action="store_true", help="re-import even if already imported")
+    _add_config_args(imp, run_dir_default="runs/default")
 
     score = sub.add_parser("score", help="score new videos with a trained run (per-frame CSV/JSON + plot)",
                            description="Score videos or frame folders with the extractor and trained detector "
@@ -150,6 +162,24 @@ def cmd_run(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None
     return code
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """``import-features``: the extract stage in import mode, then the command that trains on it."""
+    imported = [
+        f"data.manifest={args.manifest}",
+        f"extract.import_format={args.import_format}",
+        f"extract.import_root={args.root.resolve()}",
+    ]
+    if args.data_root:
+        imported.append(f"data.root={args.data_root}")
+    args.sets = imported + args.sets
+    args.stage = "extract"
+    code = cmd_run(args)
+    sets = " ".join(f"--set {s}" for s in imported)
+    print(f"\nnext: pipeline run --stage all --run-dir {args.run_dir} --config {args.run_dir / 'config.yaml'}")
+    print(f"  (or add these settings to your own config: {sets})")
+    return code
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.runner import Context, Runner
     from stages import all_stages
@@ -209,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.datasets import cmd_manifest_build
 
             return cmd_manifest_build(args)
+        if args.command == "import-features":
+            return cmd_import(args)
         if args.command == "score":
             from pipeline.score import cmd_score
 

@@ -64,9 +64,22 @@ class ExtractConfig:
         "10/5-crop order: torchvision (corners then centre) or roc-ng (centre first) (PROTOCOLS.md)",
     )
     partial_clip: str = choice("pad", ("pad", "drop"), "trailing partial clip: pad by repeating the last frame, or drop")
+    import_format: str = choice(
+        "",
+        ("", "rtfm", "roc-ng", "sultani"),
+        "read published features instead of computing them (stages/feature_import.py); '' = compute",
+    )
+    import_root: str = opt("", "folder holding the features to import (searched recursively)")
     batch_clips: int = opt(8, "clips per network forward", key=False)
     chunk_frames: int = opt(128, "frames decoded at a time (bounds memory)", key=False)
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]'", key=False)
+
+
+    def validate(self) -> None:
+        if self.clip_len < 1:
+            raise ValueError("clip_len must be >= 1")
+        if self.import_format and not self.import_root:
+            raise ValueError("import_format needs import_root (the folder holding the feature files)")
 
 
 @dataclass

@@ -326,6 +326,14 @@ class Runner:
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()
 
+    def _prepare(self, stage: Stage, sd: StageDir) -> None:
+        """``stage.prepare``; a problem there concerns the whole stage (weights, a missing folder), so
+        it becomes a one-line StageError rather than a traceback."""
+        try:
+            stage.prepare(self.ctx, sd)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise StageError(f"{stage.name}: {e}") from e
+
     def _usable(self, name: str, sd: StageDir | None) -> bool:
         if sd is None:
             return False
@@ -361,7 +369,7 @@ class Runner:
         if not (sd.path / "stage.json").is_file():
             atomic_write_json(sd.path / "stage.json", {"key": sd.path.name, "inputs": inputs, "created": time.time()})
         if not stage.per_video:
-            stage.prepare(self.ctx, sd)
+            self._prepare(stage, sd)
             summary = stage.run_whole(self.ctx, sd, ups)
             sd.write_done({**summary, "finished": time.time(), "seconds": time.time() - t0})
             report.state, report.computed, report.summary = "computed", 1, summary
@@ -380,7 +388,7 @@ class Runner:
             log.info("%s: %d of %d videos to compute", stage.name, len(todo), len(videos))
             if stage.name == "extract":
                 self.ctx.ensure_data()
-            stage.prepare(self.ctx, sd)
+            self._prepare(stage, sd)
             for video in _progress(todo, stage.name, self.ctx.progress):
                 try:
                     sd.drop_item(video.id)

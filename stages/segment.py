@@ -59,6 +59,11 @@ class SegmentStage(Stage):
         cfg = ctx.cfg.segment
         meta, arrays = inputs["extract"].load_item(video.id)
         feats = arrays["features"]
-        bins = segment_bins(feats.shape[0], cfg.num_segments, cfg.scheme)
+        if meta.get("units") == "segments":  # imported Sultani features are already segments
+            if feats.shape[0] != cfg.num_segments:
+                raise ValueError(f"imported segment features have {feats.shape[0]} segments, not {cfg.num_segments}")
+            bins = [(i, i + 1) for i in range(cfg.num_segments)]
+        else:
+            bins = segment_bins(feats.shape[0], cfg.num_segments, cfg.scheme)
         seg = pool_segments(feats, bins, l2=cfg.scheme == "sultani")
         out.save_item(video.id, {"segments": seg}, {"bins": [list(b) for b in bins], "n_clips": int(feats.shape[0])})
