@@ -98,10 +98,18 @@ class Detector(nn.Module):
         Config: the detector's config dataclass (a :class:`TrainConfig` subclass).
         input_level: ``"segments"`` if it scores the fixed-length segment bags at test time (Sultani),
             ``"clips"`` if it scores every clip.
+        causal: True if it can score a video online, one clip at a time as the clip's frames are
+            decoded (``pipeline score --online``): each unit's score depends only on that unit's
+            feature (and, at most, earlier ones), never on later clips or on the whole video (as
+            32-segment pooling, or temporal convolutions / attention over the whole video, do).
+            Causal today: ``sultani_mil`` (its MLP scores each unit on its own; online, it scores
+            each clip feature, normalised as its segments are, which approximates its offline
+            segment scores).
     """
 
     Config: ClassVar[type[TrainConfig]] = TrainConfig
     input_level: ClassVar[str] = "segments"
+    causal: ClassVar[bool] = False
     registry_name: ClassVar[str]
 
     def __init__(self, feature_dim: int, cfg: TrainConfig) -> None:

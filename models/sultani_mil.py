@@ -71,10 +71,16 @@ def mil_ranking_loss(
 
 @register_detector("sultani_mil")
 class SultaniMIL(Detector):
-    """FC D-512-32-1 segment scorer trained with the MIL ranking loss (see module docstring)."""
+    """FC D-512-32-1 segment scorer trained with the MIL ranking loss (see module docstring).
+
+    Causal: the MLP scores every unit independently, so it also runs online on single clips, fed the
+    clip feature L2-normalised like its training segments; those scores approximate the offline ones,
+    which score 32-segment means.
+    """
 
     Config = SultaniMILConfig
     input_level = "segments"
+    causal = True
 
     def __init__(self, feature_dim: int, cfg: SultaniMILConfig | None = None) -> None:
         cfg = cfg or SultaniMILConfig()

@@ -11,6 +11,14 @@ All metrics are over the concatenation of every test video's evaluated frames:
 - ``per_class_auc``: for each anomaly class, ROC AUC over that class's videos plus every normal test
   video (MIST's per-class protocol on UCF-Crime).
 - ``score_gap``: mean score of anomalous frames minus mean score of normal frames (MIST).
+- ``topk_precision``: NG-MIL's top-k precision (Park et al., "Normality Guided Multiple Instance
+  Learning for Weakly Supervised Video Anomaly Detection", WACV 2023, Sec. 4.6, Eq. 12:
+  TPI / (TPI + FPI) over the top-k instances of each *abnormal test video*, k = 3 as in their
+  Fig. 4; ../shared/papers/ng-mil.txt). It shows whether a MIL detector puts its highest scores on the
+  truly anomalous instances. Computed here at snippet (16-frame clip) level; see :func:`topk_precision`.
+
+:func:`auc_from_roc` gives the area under a published ROC curve (fpr, tpr points) with the same
+``sklearn.metrics.auc`` trapezoid rule that ``roc_auc_score`` applies to its own curve.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ class VideoScores:
     cls: str
 
 
+#: NG-MIL's k for top-k precision (Park et al. 2023, Fig. 4: "k=3"), an absolute number of instances
+TOPK_DEFAULT = 3
+
+
 def _auc(gt: np.ndarray, scores: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
@@ -39,8 +51,20 @@ def _auc(gt: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(gt, scores))
 
 
-def frame_metrics(videos: list[VideoScores], far_threshold: float = 0.5) -> dict:
-    """The metrics in the module docstring, as a JSON-ready dict (``None`` where undefined)."""
+def frame_metrics(
+    videos: list[VideoScores],
+    far_threshold: float = 0.5,
+    snippets: list[VideoScores] | None = None,
+    topk: int = TOPK_DEFAULT,
+) -> dict:
+    """The metrics in the module docstring, as a JSON-ready dict (``None`` where undefined).
+
+    Args:
+        videos: every test video's evaluated frames.
+        far_threshold: FAR threshold.
+        snippets: the same videos at snippet level (:func:`snippet_level`); when given, the output
+            has ``topk_precision`` (:func:`topk_precision` with ``k = topk``).
+    """
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
     gt = np.concatenate([v.gt for v in videos]).astype(np.int64)
@@ -69,7 +93,106 @@ def frame_metrics(videos: list[VideoScores], far_threshold: float = 0.5) -> dict
         per_class[cls] = _auc(np.concatenate([v.gt for v in subset]), np.concatenate([v.scores for v in subset]))
     out["per_class_auc"] = per_class
     out["score_gap"] = float(scores[gt == 1].mean() - scores[gt == 0].mean()) if 0 < gt.sum() < gt.size else None
+    if snippets is not None:
+        out["topk_precision"] = topk_precision(snippets, topk)
     return out
+
+
+def snippet_level(
+    frame_scores: np.ndarray, frame_gt: np.ndarray, clip_ranges: list[tuple[int, int]] | list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Snippet (clip) scores and labels from frame scores and frame ground truth.
+
+    A snippet's score is the mean of its frames' scores (for a clip-level detector, the clip's own
+    score; for a segment-level one, the mean of the segments covering it); its label is 1 when any
+    of its frames lies in a ground-truth anomaly interval.
+
+    Args:
+        frame_scores: ``[F]`` per-frame scores.
+        frame_gt: ``[F]`` 0/1 per-frame ground truth.
+        clip_ranges: each clip's real frame range ``[start, end)`` (the extract stage's metadata).
+    Returns:
+        ``scores`` ``[T]`` float64 and ``labels`` ``[T]`` int64.
+    """
+    scores = np.array([float(np.mean(frame_scores[a:b])) for a, b in clip_ranges], np.float64)
+    labels = np.array([int(np.any(frame_gt[a:b])) for a, b in clip_ranges], np.int64)
+    return scores, labels
+
+
+def _expected_topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """True positives among the ``k`` highest ``scores``; ties at the k-th score are shared.
+
+    When the k-th place falls inside a group of tied scores (common for segment detectors, whose
+    score repeats over a segment's clips), any choice inside the group is arbitrary, so the group
+    contributes its share of positives pro rata: the expected count under random tie-breaking.
+    """
+    kth = np.sort(scores)[::-1][k - 1]
+    above = scores > kth
+    tied = scores == kth
+    need = k - int(above.sum())
+    return float(labels[above].sum()) + need * float(labels[tied].sum()) / float(tied.sum())
+
+
+def topk_precision(videos: list[VideoScores], k: int = TOPK_DEFAULT) -> dict:
+    """NG-MIL's top-k precision (Park et al. 2023, Sec. 4.6, Eq. 12) over abnormal test videos.
+
+    For each anomalous video (``label == 1``), take the ``k`` instances with the highest scores
+    (all of them when it has fewer than ``k``; k is absolute, 3 as in NG-MIL's Fig. 4) and count
+    true positive instances (TPI: ground-truth anomalous) and false positive instances (FPI).
+    Precision = TPI / (TPI + FPI), pooled over the videos (each contributes ``min(k, T)``
+    instances). NG-MIL's instances are its 32 segments; here ``videos`` carries whatever instances
+    the caller passes: the evaluate stage passes snippets (:func:`snippet_level`). Ties at the k-th
+    score are shared pro rata (:func:`_expected_topk_hits`), so the value is deterministic.
+
+    Args:
+        videos: per-video instance ``scores`` and 0/1 ``gt`` (a :class:`VideoScores` per video);
+            normal videos are ignored.
+        k: instances per video.
+    Returns:
+        ``{"k", "precision" (None without any usable video), "videos": how many were used,
+        "per_video": {id: precision}, "skipped": abnormal videos without any annotated anomalous
+        instance (nothing to find, so left out)}``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    hits = picked = 0.0
+    per_video: dict[str, float] = {}
+    skipped: list[str] = []
+    for v in videos:
+        if v.label != 1:
+            continue
+        scores = np.asarray(v.scores, np.float64)
+        labels = np.asarray(v.gt, np.int64)
+        if scores.size == 0 or not labels.any():
+            skipped.append(v.id)
+            continue
+        kk = min(k, scores.size)
+        h = _expected_topk_hits(scores, labels, kk)
+        per_video[v.id] = h / kk
+        hits += h
+        picked += kk
+    return {
+        "k": k,
+        "precision": hits / picked if picked else None,
+        "videos": len(per_video),
+        "per_video": per_video,
+        "skipped": skipped,
+    }
+
+
+def auc_from_roc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under a ROC curve given as points (false positive rate, true positive rate).
+
+    Uses ``sklearn.metrics.auc`` (trapezoid rule), the function behind ``roc_auc_score`` and the
+    ``ap_trapezoid`` metric. ``fpr`` must be monotonic (as every ROC curve is).
+    """
+    from sklearn.metrics import auc
+
+    fpr = np.asarray(fpr, np.float64).ravel()
+    tpr = np.asarray(tpr, np.float64).ravel()
+    if fpr.shape != tpr.shape or fpr.size < 2:
+        raise ValueError(f"need matching fpr/tpr curves of at least 2 points, got {fpr.size} and {tpr.size}")
+    return float(auc(fpr, tpr))
 
 
 def roc_points(videos: list[VideoScores]) -> tuple[np.ndarray, np.ndarray]:

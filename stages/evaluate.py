@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import atomic_save_npy, atomic_write_json
-from pipeline.metrics import VideoScores, frame_metrics
+from pipeline.metrics import VideoScores, frame_metrics, snippet_level
 from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
 
 from .train import load_detector
@@ -67,7 +67,7 @@ def score_video(model: torch.nn.Module, ext: tuple[dict, dict], seg: tuple[dict,
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = 1
+    version = 2  # 2: metrics.json gains NG-MIL's top-k precision
     reads = ("evaluate",)
     manifest_columns = ("id", "split", "label", "class", "intervals")
     upstream = ("extract", "segment", "train")
@@ -82,6 +82,7 @@ class EvaluateStage(Stage):
         if not tests:
             raise StageError("no test video has features; nothing to evaluate")
         results: list[VideoScores] = []
+        snippets: list[VideoScores] = []  # clip level, for NG-MIL's top-k precision
         warnings: list[str] = []
         for v in tests:
             ext = inputs["extract"].load_item(v.id)
@@ -93,7 +94,9 @@ class EvaluateStage(Stage):
             gt = np.asarray(v.frame_labels(n), np.uint8)
             atomic_save_npy(out.items / f"{v.id}.scores.npy", np.where(covered, scores, np.nan).astype(np.float32))
             results.append(VideoScores(v.id, scores[covered], gt[covered], v.label, v.cls))
-        metrics = frame_metrics(results, ctx.cfg.evaluate.far_threshold)
+            clip_scores, clip_gt = snippet_level(scores, gt, ext[0]["clip_ranges"])
+            snippets.append(VideoScores(v.id, clip_scores, clip_gt, v.label, v.cls))
+        metrics = frame_metrics(results, ctx.cfg.evaluate.far_threshold, snippets=snippets)
         metrics["missing_test_videos"] = missing
         metrics["warnings"] = warnings
         metrics["config"] = ctx.cfg.to_dict()
