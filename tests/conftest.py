@@ -62,7 +62,7 @@ _registered = False
 
 
 def register_test_extractor() -> str:
-    """Register (once per process) ``test_motion``: an 8-D hand-made feature, for fast runner tests.
+    """Register (once per process) ``test_motion``: a 7-D hand-made feature, for fast runner tests.
 
     Per clip: mean R, G, B; mean absolute frame difference; share of bright-yellow pixels; their
     temporal std; a constant. Cheap enough that a whole pipeline run takes seconds.
@@ -75,7 +75,7 @@ def register_test_extractor() -> str:
 
         @EXTRACTORS.register("test_motion")
         class MotionExtractor(ClipExtractor):
-            feature_dim = 8
+            feature_dim = 7
             crop_size = 32
             resize = ("short", 32)
 

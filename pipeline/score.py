@@ -1,0 +1,524 @@
+"""Scoring new videos with a trained run: ``pipeline score VIDEO... --run-dir DIR [--out DIR] [--online]``.
+
+The run directory says everything needed: ``RUN_DIR/config.yaml`` (the resolved config its latest
+run saved) gives the extractor and the extract / segment settings, ``RUN_DIR/latest.json`` the train
+stage folder holding ``model.pt``. A new video (file or JPEG/PNG frame folder) then goes through
+exactly the code the pipeline's stages use:
+
+- offline (default): :func:`stages.extract.iter_clip_features` (the extract stage's decoding,
+  clip cutting and batching), then for ``input_level == "segments"`` detectors (Sultani MIL) the
+  segment stage's :func:`~stages.segment.segment_bins` / :func:`~stages.segment.pool_segments`
+  with the run's segment settings, then the evaluate stage's :func:`~stages.evaluate.score_video`
+  (crop averaging, units -> frames with :func:`~stages.evaluate.frames_from_units`). So a test video
+  scored here gets the frame scores the evaluate stage gave it.
+- online (``--online``): each clip's score is emitted as soon as its 16 frames are decoded and
+  featurised (decoded ``clip_len`` frames at a time, one clip per forward pass), logged at INFO and
+  yielded by :meth:`RunScorer.iter_online` / passed to the ``on_clip`` callback. Only detectors with
+  ``causal = True`` (``models/base.py``) can run this way; today that is ``sultani_mil``. Its MLP
+  scores each unit on its own, so online it scores single clips, fed the clip feature normalised as
+  the run's segment scheme normalises segments (L2 for the default ``sultani`` scheme): those scores
+  approximate the offline ones, which score 32-segment means. With the ``sultani`` scheme they are
+  equal for videos of up to 17 clips (every segment is then a single clip); from 18 to 33 clips the
+  last segment pools the last two clips, so those two differ; longer videos' segments pool several
+  clips each. For a causal ``clips``-level detector, online and offline scores are the same.
+
+Outputs per video, in ``--out`` (default ``RUN_DIR/scores``), each written atomically:
+``<id>.csv`` (``frame,time_s,score``; ``time_s = frame / fps``; the score is empty for frames no clip
+covers, i.e. a trailing partial clip with ``extract.partial_clip=drop``), ``<id>.json`` (fps, frame
+count, clip ranges and scores, scored units, per-frame scores and times, run dir, method, mode,
+cache keys) and ``<id>.png`` (score over time). ``<id>`` is the file's stem or the folder's name
+(``-2``, ``-3`` ... when two inputs share one).
+
+Errors get one line, no traceback: a run-level problem (not a run directory, no trained detector,
+a detector trained on other features than the run's extractor gives, imported features) exits 2
+before any video is read; a video that fails (missing, unreadable, too short) is reported, the
+others go on, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ScoreError(RuntimeError):
+    """A run directory that cannot score videos (the message names the file and the problem)."""
+
+
+@dataclass
+class ClipScore:
+    """One clip's score as emitted online.
+
+    Attributes:
+        index: clip index (clip i covers frames ``[16 i, 16 i + 16)``).
+        start, end: the clip's real frame range ``[start, end)``.
+        t_start, t_end: the same in seconds (``frame / fps``).
+        score: anomaly score in [0, 1] (mean over the run's crops).
+        latency_s: wall time from asking for this clip to having its score: decoding its frames,
+            resizing and cropping, the extractor's forward pass and the detector's.
+    """
+
+    index: int
+    start: int
+    end: int
+    t_start: float
+    t_end: float
+    score: float
+    latency_s: float
+
+
+@dataclass
+class ScoredVideo:
+    """Per-frame scores of one video.
+
+    Attributes:
+        id: output file stem.
+        path: the video file or frame folder.
+        fps: frames per second (the container's; ``data.folder_fps`` for frame folders).
+        n_frames: decoded frames.
+        scores: ``[n_frames]`` float32 in [0, 1]; NaN where no clip covers the frame.
+        times: ``[n_frames]`` float64 seconds, ``frame / fps``.
+        clip_ranges: each clip's frame range ``[start, end)``.
+        clip_scores: ``[T]`` each clip's score (offline segment detectors: the mean of the
+            segment scores covering the clip).
+        unit_level: what the detector scored: ``"segments"`` or ``"clips"``.
+        unit_ranges, unit_scores: the scored units' frame ranges and scores.
+        mode: ``"offline"`` or ``"online"``.
+        method: the detector's registry name.
+        clips: online mode: every emitted :class:`ClipScore`, in order.
+    """
+
+    id: str
+    path: Path
+    fps: float
+    n_frames: int
+    scores: np.ndarray
+    times: np.ndarray
+    clip_ranges: list[tuple[int, int]]
+    clip_scores: np.ndarray
+    unit_level: str
+    unit_ranges: list[tuple[int, int]]
+    unit_scores: np.ndarray
+    mode: str
+    method: str
+    clips: list[ClipScore] = field(default_factory=list)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _video_id(path: Path) -> str:
+    p = Path(path)
+    name = p.name if p.is_dir() else p.stem
+    return name or "video"
+
+
+class RunScorer:
+    """A run directory's extractor and trained detector, loaded once, scoring any number of videos.
+
+    Args:
+        run_dir: a run directory whose train stage finished (``model.pt``).
+        device: ``None`` = the run's ``extract.device`` / ``train.device`` ('auto': a GPU if present).
+    Raises:
+        ScoreError: see the module docstring.
+    """
+
+    def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
+        from pipeline.config import ConfigError, build_config, load_yaml
+        from pipeline.runner import resolve_device
+
+        self.run_dir = Path(run_dir)
+        cfg_path = self.run_dir / "config.yaml"
+        latest_path = self.run_dir / "latest.json"
+        if not self.run_dir.is_dir():
+            raise ScoreError(f"{self.run_dir}: no such run directory")
+        if not cfg_path.is_file():
+            raise ScoreError(f"{self.run_dir}: not a run directory (no config.yaml); train a detector there first "
+                             f"with `pipeline run --run-dir {self.run_dir}`")
+        try:
+            self.cfg = build_config([load_yaml(cfg_path)])
+        except ConfigError as e:
+            raise ScoreError(f"{cfg_path}: {_one_line(e)}") from None
+        try:
+            self.latest: dict[str, str] = json.loads(latest_path.read_text()) if latest_path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise ScoreError(f"{latest_path}: unreadable: {_one_line(e)}") from None
+        if "train" not in self.latest:
+            raise ScoreError(f"{self.run_dir}: no trained detector (latest.json names no train stage); run "
+                             f"`pipeline run --stage train --run-dir {self.run_dir}` first")
+        self.train_dir = self.run_dir / self.latest["train"]
+        self.model_path = self.train_dir / "model.pt"
+        if not self.model_path.is_file():
+            raise ScoreError(f"{self.model_path}: no trained detector (model.pt missing); run "
+                             f"`pipeline run --stage train --run-dir {self.run_dir}` first")
+        if getattr(self.cfg.extract, "import_format", ""):
+            raise ScoreError(
+                f"{cfg_path}: this run's features were imported (extract.import_format="
+                f"{self.cfg.extract.import_format}), so it has no extractor to compute them for a new video"
+            )
+        try:
+            self.saved = torch.load(self.model_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ScoreError(f"{self.model_path}: unreadable detector: {_one_line(e)}") from None
+        self.method = str(self.saved["method"])
+        self.feature_dim = int(self.saved["feature_dim"])
+        self._check_features_match()
+
+        from extractors import EXTRACTORS
+        from models import DETECTORS
+        from pipeline.registry import RegistryError
+        from pipeline.runner import StageDir
+        from stages.train import load_detector
+
+        ex = self.cfg.extract
+        self.device = device or resolve_device(ex.device)
+        try:
+            self.extractor = EXTRACTORS.get(ex.extractor, weights=ex.weights or None, device=self.device)
+        except (RegistryError, OSError, ValueError, RuntimeError) as e:
+            raise ScoreError(f"{cfg_path}: cannot build extractor {ex.extractor!r}: {_one_line(e)}") from None
+        try:
+            DETECTORS.get_class(self.method)
+            self.model = load_detector(StageDir(self.train_dir), device or resolve_device(self.cfg.train.device))
+        except (RegistryError, RuntimeError, KeyError) as e:
+            raise ScoreError(f"{self.model_path}: cannot load the detector: {_one_line(e)}") from None
+        self.model_device = str(next(self.model.parameters()).device)
+        self.causal = bool(getattr(self.model, "causal", False))
+        self.input_level = self.model.input_level
+
+    # -- consistency ---------------------------------------------------------------------------
+    def _run_extract_meta(self) -> dict[str, Any] | None:
+        """Metadata of one video of the run's latest extract stage (its feature_dim and extractor)."""
+        rel = self.latest.get("extract")
+        if not rel:
+            return None
+        items = self.run_dir / rel / "items"
+        for p in sorted(items.glob("*.json")) if items.is_dir() else []:
+            try:
+                return json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def _check_features_match(self) -> None:
+        """Refuse a detector trained on other features than the run's extractor now gives."""
+        from extractors import EXTRACTORS
+        from pipeline.registry import RegistryError
+
+        ex = self.cfg.extract
+        # 1. what the detector was trained on: the train stage's checkpoint records the full config
+        ckpt = self.train_dir / "checkpoint.pt"
+        trained_cfg: dict[str, Any] | None = None
+        if ckpt.is_file():
+            try:
+                trained_cfg = torch.load(ckpt, map_location="cpu", weights_only=True).get("config")
+            except Exception as e:  # an unreadable checkpoint only costs this check
+                log.warning("%s: cannot read the training config (%s); checking feature size only", ckpt, _one_line(e))
+        if trained_cfg:
+            t_ex, t_seg = trained_cfg.get("extract", {}), trained_cfg.get("segment", {})
+            diffs = [
+                f"extract.{k}: trained with {t_ex.get(k)!r}, run now has {getattr(ex, k)!r}"
+                for k in ("extractor", "weights", "clip_len")
+                if k in t_ex and t_ex.get(k) != getattr(ex, k)
+            ]
+            if self.saved.get("input_level") == "segments":
+                diffs += [
+                    f"segment.{k}: trained with {t_seg.get(k)!r}, run now has {getattr(self.cfg.segment, k)!r}"
+                    for k in ("scheme", "num_segments")
+                    if k in t_seg and t_seg.get(k) != getattr(self.cfg.segment, k)
+                ]
+            if diffs:
+                raise ScoreError(
+                    f"{self.model_path}: detector trained on other features than this run's config gives "
+                    f"({'; '.join(diffs)}); retrain with `pipeline run --stage train --run-dir {self.run_dir}`"
+                )
+            for k in ("crops", "crop_order", "partial_clip"):
+                if k in t_ex and t_ex.get(k) != getattr(ex, k):
+                    log.warning("%s: trained with extract.%s=%r, scoring with %r (same feature space; "
+                                "scores may differ slightly from the evaluation's)", self.model_path, k, t_ex[k], getattr(ex, k))
+        # 2. feature size: the run's extracted features, else the extractor's declared size
+        meta = self._run_extract_meta()
+        if meta is not None and meta.get("extractor") == ex.extractor and "feature_dim" in meta:
+            dim, source = int(meta["feature_dim"]), f"the run's {ex.extractor} features are"
+        else:
+            try:
+                dim, source = int(EXTRACTORS.get_class(ex.extractor).feature_dim), f"extractor {ex.extractor} gives"
+            except (RegistryError, AttributeError):
+                return  # reported when the extractor is built
+        if dim != self.feature_dim:
+            raise ScoreError(
+                f"{self.model_path}: detector trained on {self.feature_dim}-D features, but {source} {dim}-D "
+                f"(a detector trained on other features); retrain with `pipeline run --stage train --run-dir {self.run_dir}`"
+            )
+
+    def _check_dim(self, path: Path, feats: np.ndarray) -> None:
+        if feats.shape[-1] != self.feature_dim:
+            raise ScoreError(
+                f"{path}: extractor {self.cfg.extract.extractor} gives {feats.shape[-1]}-D features but the "
+                f"detector {self.model_path} was trained on {self.feature_dim}-D features"
+            )
+
+    # -- scoring -------------------------------------------------------------------------------
+    def _segment_l2(self) -> bool:
+        return self.cfg.segment.scheme == "sultani"  # as stages/segment.py SegmentStage.process
+
+    def iter_online(self, path: str | Path, info: dict[str, Any] | None = None) -> Iterator[ClipScore]:
+        """Yield each clip's :class:`ClipScore` as soon as its frames are decoded and featurised.
+
+        Args:
+            path: video file or frame folder.
+            info: filled with ``fps``, ``height``, ``width``, ``crops`` and, at the end, ``n_frames``.
+        Raises:
+            ScoreError: the detector cannot run causally.
+            VideoDecodeError: missing / unreadable video, or shorter than one clip.
+        """
+        from stages.extract import iter_clip_features
+        from stages.segment import pool_segments
+
+        if not self.causal:
+            raise ScoreError(f"{self.model_path}: detector {self.method!r} cannot run causally, so it has no "
+                             "online mode; score without --online")
+        path = Path(path)
+        info = {} if info is None else info
+        l2 = self.input_level == "segments" and self._segment_l2()
+        clip_len = self.cfg.extract.clip_len
+        clips = iter_clip_features(self.cfg, self.extractor, path, info=info, batch_clips=1, chunk_frames=clip_len)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                i, (a, b), feats = next(clips)  # [C, D]
+            except StopIteration:
+                return
+            self._check_dim(path, feats)
+            # segment detectors: a clip is a one-clip segment, normalised as the segment stage does
+            x = pool_segments(feats[None], [(0, 1)], l2) if l2 else feats[:, None, :]  # [C, 1, D]
+            score = float(self.model.score(torch.from_numpy(np.ascontiguousarray(x)).to(self.model_device))[0])
+            latency = time.perf_counter() - t0
+            fps = info["fps"]
+            yield ClipScore(i, a, b, a / fps, b / fps, score, latency)
+
+    def score(
+        self,
+        path: str | Path,
+        online: bool = False,
+        on_clip: Callable[[ClipScore], None] | None = None,
+        video_id: str | None = None,
+    ) -> ScoredVideo:
+        """Per-frame scores of one video (see the module docstring for the two modes).
+
+        Args:
+            path: video file or frame folder.
+            online: score clip by clip while decoding (causal detectors only).
+            on_clip: online mode: called with each :class:`ClipScore` as soon as it is known.
+            video_id: output stem (default: the file's stem or the folder's name).
+        """
+        path = Path(path)
+        vid = video_id or _video_id(path)
+        info: dict[str, Any] = {}
+        if online:
+            return self._score_online(path, vid, info, on_clip)
+        return self._score_offline(path, vid, info)
+
+    def _score_online(self, path: Path, vid: str, info: dict[str, Any], on_clip: Callable[[ClipScore], None] | None) -> ScoredVideo:
+        from stages.evaluate import frames_from_units
+
+        clips: list[ClipScore] = []
+        for c in self.iter_online(path, info):
+            clips.append(c)
+            log.info("%s: clip %d frames %d-%d (%.2f-%.2f s): score %.4f (%.3f s)", vid, c.index, c.start,
+                     c.end - 1, c.t_start, c.t_end, c.score, c.latency_s)
+            if on_clip is not None:
+                on_clip(c)
+        ranges = [(c.start, c.end) for c in clips]
+        clip_scores = np.array([c.score for c in clips], np.float32)
+        scores, covered = frames_from_units(clip_scores, ranges, int(info["n_frames"]))
+        return self._result(path, vid, info, scores, covered, ranges, clip_scores, "clips", ranges, clip_scores, "online", clips)
+
+    def _score_offline(self, path: Path, vid: str, info: dict[str, Any]) -> ScoredVideo:
+        from pipeline.metrics import snippet_level
+        from stages.evaluate import score_video
+        from stages.extract import iter_clip_features
+        from stages.segment import pool_segments, segment_bins
+
+        feats_list: list[np.ndarray] = []
+        ranges: list[tuple[int, int]] = []
+        for _, (a, b), f in iter_clip_features(self.cfg, self.extractor, path, info=info):
+            if not feats_list:
+                self._check_dim(path, f)
+            feats_list.append(f)
+            ranges.append((a, b))
+        feats = np.stack(feats_list).astype(np.float32)  # [T, C, D], as the extract stage stores it
+        meta = {"clip_ranges": [list(r) for r in ranges], "n_frames": int(info["n_frames"])}
+        if self.input_level == "segments":
+            seg_cfg = self.cfg.segment
+            bins = segment_bins(len(ranges), seg_cfg.num_segments, seg_cfg.scheme)
+            segments = pool_segments(feats, bins, l2=self._segment_l2())
+            seg = ({"bins": [list(b) for b in bins]}, {"segments": segments})
+            units = self.model.score(torch.from_numpy(segments).to(self.model_device)).cpu().numpy()
+            unit_ranges = [(ranges[a][0], ranges[b - 1][1]) for a, b in bins]
+        else:
+            seg = None
+            units = self.model.score(torch.from_numpy(feats).permute(1, 0, 2).contiguous().to(self.model_device)).cpu().numpy()
+            unit_ranges = list(ranges)
+        scores, covered = score_video(self.model, (meta, {"features": feats}), seg, self.model_device)
+        clip_scores, _ = snippet_level(scores, np.zeros(len(scores), np.int64), ranges)
+        return self._result(path, vid, info, scores, covered, ranges, clip_scores.astype(np.float32),
+                            self.input_level, unit_ranges, units.astype(np.float32), "offline", [])
+
+    def _result(self, path: Path, vid: str, info: dict[str, Any], scores: np.ndarray, covered: np.ndarray,
+                ranges: list[tuple[int, int]], clip_scores: np.ndarray, level: str,
+                unit_ranges: list[tuple[int, int]], unit_scores: np.ndarray, mode: str,
+                clips: list[ClipScore]) -> ScoredVideo:
+        n = int(info["n_frames"])
+        fps = float(info["fps"])
+        return ScoredVideo(
+            id=vid, path=path, fps=fps, n_frames=n,
+            scores=np.where(covered, scores, np.nan).astype(np.float32),
+            times=np.arange(n, dtype=np.float64) / fps,
+            clip_ranges=ranges, clip_scores=clip_scores, unit_level=level, unit_ranges=unit_ranges,
+            unit_scores=unit_scores, mode=mode, method=self.method, clips=clips,
+        )
+
+    # -- outputs -------------------------------------------------------------------------------
+    def cache_keys(self) -> dict[str, str]:
+        return {k: Path(v).name for k, v in self.latest.items() if k in ("extract", "segment", "train")}
+
+    def write(self, sv: ScoredVideo, out_dir: Path) -> dict[str, Path]:
+        """Write ``<id>.csv``, ``<id>.json`` and ``<id>.png`` into ``out_dir`` atomically; returns their paths."""
+        from pipeline.cache import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+        out_dir = Path(out_dir)
+        paths = {ext: out_dir / f"{sv.id}.{ext}" for ext in ("csv", "json", "png")}
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["frame", "time_s", "score"])
+        for i, (t, s) in enumerate(zip(sv.times, sv.scores)):
+            w.writerow([i, f"{t:.6f}", "" if np.isnan(s) else f"{s:.6f}"])
+        atomic_write_text(paths["csv"], buf.getvalue())
+
+        def floats(a: np.ndarray, nd: int = 6) -> list[float | None]:
+            return [None if not np.isfinite(x) else round(float(x), nd) for x in a]
+
+        ex, seg = self.cfg.extract, self.cfg.segment
+        doc: dict[str, Any] = {
+            "video": str(sv.path),
+            "id": sv.id,
+            "fps": sv.fps,
+            "n_frames": sv.n_frames,
+            "duration_s": sv.n_frames / sv.fps,
+            "mode": sv.mode,
+            "method": sv.method,
+            "causal": self.causal,
+            "run_dir": str(self.run_dir.resolve()),
+            "model": str(self.model_path.resolve()),
+            "cache_keys": self.cache_keys(),
+            "extractor": {"name": ex.extractor, "weights_sha256": self.extractor.weights_checksum,
+                          "crops": ex.crops, "crop_order": ex.crop_order, "clip_len": ex.clip_len,
+                          "partial_clip": ex.partial_clip},
+            "segment": {"scheme": seg.scheme, "num_segments": seg.num_segments} if self.input_level == "segments" else None,
+            "clip_ranges": [list(r) for r in sv.clip_ranges],
+            "clip_scores": floats(sv.clip_scores),
+            "units": {"level": sv.unit_level, "ranges": [list(r) for r in sv.unit_ranges], "scores": floats(sv.unit_scores)},
+            "scores": floats(sv.scores),
+            "time_s": [round(float(t), 6) for t in sv.times],
+        }
+        if sv.mode == "online":
+            doc["clip_latency_s"] = [round(c.latency_s, 6) for c in sv.clips]
+            if self.input_level == "segments":
+                doc["note"] = ("online scores are per clip (each clip feature normalised as the run's segments are); "
+                               "they approximate the offline scores, which score 32-segment means")
+        atomic_write_json(paths["json"], doc)
+        atomic_write_bytes(paths["png"], score_plot(sv, self.cfg.evaluate.far_threshold))
+        return paths
+
+
+def score_plot(sv: ScoredVideo, threshold: float | None = 0.5) -> bytes:
+    """PNG of the per-frame score over time (seconds), with the FAR threshold dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import _fig_png
+
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.plot(sv.times, sv.scores, color="tab:blue", lw=1.2, label="anomaly score")
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:g}")
+    ax.set(ylim=(-0.02, 1.02), xlim=(0, max(sv.times[-1] if len(sv.times) else 0, 1.0 / sv.fps)),
+           xlabel="time (s)", ylabel="score")
+    what = "online, clip by clip" if sv.mode == "online" else "offline"
+    ax.set_title(f"{sv.id}: {sv.method} ({what}), {sv.n_frames} frames at {sv.fps:g} fps", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    return _fig_png(fig)
+
+
+def score_video_file(
+    run_dir: str | Path, path: str | Path, online: bool = False, on_clip: Callable[[ClipScore], None] | None = None
+) -> ScoredVideo:
+    """Score one video with ``run_dir``'s extractor and detector (loads both: for many videos, use
+    one :class:`RunScorer`). Raises :class:`ScoreError` or ``VideoDecodeError``."""
+    return RunScorer(run_dir).score(path, online=online, on_clip=on_clip)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``pipeline score``: exit 0 all scored, 1 some videos failed, 2 the run cannot score."""
+    from pipeline.video import VideoDecodeError
+
+    try:
+        scorer = RunScorer(args.run_dir)
+        if args.online and not scorer.causal:
+            raise ScoreError(f"{scorer.model_path}: detector {scorer.method!r} cannot run causally, so it has no "
+                             "online mode; score without --online")
+    except ScoreError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) if args.out else Path(args.run_dir) / "scores"
+    used: set[str] = set()
+    failures: list[tuple[Path, str]] = []
+    for path in args.videos:
+        path = Path(path)
+        vid = base = _video_id(path)
+        n = 1
+        while vid in used:
+            n += 1
+            vid = f"{base}-{n}"
+        used.add(vid)
+        try:
+            sv = scorer.score(path, online=args.online, video_id=vid)
+            files = scorer.write(sv, out_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one bad video never stops the others
+            msg = _one_line(e)
+            if not isinstance(e, (VideoDecodeError, ScoreError)):
+                msg = f"{type(e).__name__}: {msg}"
+                log.debug("scoring %s failed", path, exc_info=True)
+            if str(path) not in msg:
+                msg = f"{path}: {msg}"
+            print(f"error: {msg}", file=sys.stderr)
+            failures.append((path, msg))
+            continue
+        peak = int(np.nanargmax(sv.scores)) if np.isfinite(sv.scores).any() else 0
+        print(f"{path}: {sv.n_frames} frames at {sv.fps:g} fps, {len(sv.clip_ranges)} clips ({sv.mode}); "
+              f"max score {np.nanmax(sv.scores):.4f} at {sv.times[peak]:.2f} s -> {files['csv']}")
+    if failures:
+        print(f"{len(failures)} of {len(args.videos)} video(s) failed")
+        return 1
+    return 0
+
+
+__all__ = ["ClipScore", "RunScorer", "ScoreError", "ScoredVideo", "cmd_score", "score_plot", "score_video_file"]

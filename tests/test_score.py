@@ -1,0 +1,307 @@
+"""``pipeline score``: per-frame scores of new videos with a trained run, offline and online, and its errors.
+
+Runs are trained on tests/test_runner.py's tiny dataset with the cheap ``test_motion`` extractor.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import moving_square_video, register_test_extractor, write_video
+from pipeline.cli import main
+from test_runner import make_dataset, make_runner
+
+
+def register_clip_detector() -> str:
+    """``test_clip_mil``: Sultani's MLP, but scoring every clip at test time (a causal clip-level detector)."""
+    from models import DETECTORS, register_detector
+    from models.sultani_mil import SultaniMIL, SultaniMILConfig
+
+    if "test_clip_mil" not in DETECTORS:
+
+        @dataclass
+        class ClipMILConfig(SultaniMILConfig):
+            pass
+
+        @register_detector("test_clip_mil")
+        class ClipMIL(SultaniMIL):
+            Config = ClipMILConfig
+            input_level = "clips"
+            causal = True
+
+    return "test_clip_mil"
+
+
+def register_rgb_extractor() -> str:
+    """``test_rgb``: mean R, G, B per clip (3-D), another feature space than ``test_motion``."""
+    from extractors import EXTRACTORS
+    from extractors.base import ClipExtractor
+
+    if "test_rgb" not in EXTRACTORS:
+
+        @EXTRACTORS.register("test_rgb")
+        class RGBExtractor(ClipExtractor):
+            feature_dim = 3
+            crop_size = 32
+            resize = ("short", 32)
+
+            @classmethod
+            def expected_checksum(cls, weights=None):
+                return "test-rgb-v1"
+
+            @property
+            def weights_checksum(self) -> str:
+                return "test-rgb-v1"
+
+            def normalize(self, clips):
+                return clips / 255.0
+
+            def features(self, clips):
+                return clips.mean(dim=(2, 3, 4))
+
+    return "test_rgb"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("score_data"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> Path:
+    """A Sultani MIL run, trained and evaluated."""
+    run_dir = tmp_path_factory.mktemp("score_run")
+    make_runner(data, run_dir).run(["evaluate"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def clip_run(data, tmp_path_factory) -> Path:
+    """A run of the clip-level causal test detector, trained and evaluated."""
+    register_clip_detector()
+    run_dir = tmp_path_factory.mktemp("score_clip_run")
+    make_runner(data, run_dir, ["train.method=test_clip_mil"]).run(["evaluate"])
+    return run_dir
+
+
+def _latest(run_dir: Path) -> dict[str, Path]:
+    return {k: run_dir / v for k, v in json.loads((run_dir / "latest.json").read_text()).items()}
+
+
+def _score(capsys, *args) -> tuple[int, str, str]:
+    code = main(["-q", "score", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_offline_scores_files_and_timestamps(run, data, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = _score(capsys, data.parent / "test1.mp4", data.parent / "test2.mp4", "--run-dir", run, "--out", out_dir)
+    assert code == 0, err
+    assert "test1.mp4: 56 frames at 30 fps, 4 clips (offline)" in out
+    for vid, n in (("test1", 56), ("test2", 64)):
+        rows = list(csv.reader((out_dir / f"{vid}.csv").open()))
+        assert rows[0] == ["frame", "time_s", "score"] and len(rows) == 1 + n
+        assert [int(r[0]) for r in rows[1:]] == list(range(n))
+        assert [float(r[1]) for r in rows[1:]] == pytest.approx([i / 30 for i in range(n)], abs=1e-6)
+        doc = json.loads((out_dir / f"{vid}.json").read_text())
+        assert doc["fps"] == 30 and doc["n_frames"] == n and doc["mode"] == "offline"
+        assert doc["method"] == "sultani_mil" and doc["units"]["level"] == "segments"
+        assert len(doc["units"]["scores"]) == 32
+        assert doc["clip_ranges"] == [[s, min(s + 16, n)] for s in range(0, n, 16)]
+        assert doc["time_s"][-1] == pytest.approx((n - 1) / 30)
+        assert doc["run_dir"] == str(run.resolve())
+        assert doc["cache_keys"] == {k: p.name for k, p in _latest(run).items() if k in ("extract", "segment", "train")}
+        assert doc["extractor"]["name"] == "test_motion"
+        assert (out_dir / f"{vid}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # a test video scored here gets the frame scores the evaluate stage gave it
+        evaluated = np.load(_latest(run)["evaluate"] / "items" / f"{vid}.scores.npy")
+        assert np.asarray(doc["scores"], np.float64) == pytest.approx(evaluated.astype(np.float64), abs=1e-6)
+        assert [float(r[2]) for r in rows[1:]] == pytest.approx(evaluated.astype(np.float64), abs=1e-5)
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+def test_default_out_dir_frame_folder_and_python_api(run, tmp_path, capsys):
+    import cv2
+
+    from pipeline.score import score_video_file
+
+    frames = moving_square_video(40, 10, seed=3)
+    folder = tmp_path / "cam01"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i + 1}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    code, out, err = _score(capsys, folder, "--run-dir", run)
+    assert code == 0, err
+    doc = json.loads((run / "scores" / "cam01.json").read_text())
+    assert doc["n_frames"] == 40 and doc["fps"] == 30.0 and doc["clip_ranges"] == [[0, 16], [16, 32], [32, 40]]
+
+    sv = score_video_file(run, folder)
+    assert sv.n_frames == 40 and sv.times[15] == pytest.approx(0.5) and sv.mode == "offline"
+    assert sv.scores == pytest.approx(np.asarray(doc["scores"], np.float32), abs=1e-6)
+    assert np.isfinite(sv.scores).all() and ((sv.scores >= 0) & (sv.scores <= 1)).all()
+
+
+def test_online_sultani_emits_one_score_per_clip_as_frames_arrive(run, data, tmp_path, monkeypatch, capsys):
+    from pipeline.score import RunScorer
+    from pipeline.video import VideoSource
+    from stages.segment import pool_segments
+
+    decoded = {"frames": 0}
+    original = VideoSource.iter_chunks
+
+    def tracking(self, chunk_frames=64):
+        for start, frames in original(self, chunk_frames):
+            decoded["frames"] = start + len(frames)
+            yield start, frames
+
+    monkeypatch.setattr(VideoSource, "iter_chunks", tracking)
+    scorer = RunScorer(run)
+    assert scorer.causal
+    emitted = []
+    for c in scorer.iter_online(data.parent / "test1.mp4"):  # 56 frames: 3 full clips + 8 frames
+        # emitted as soon as the clip's frames are decoded, before any later frame is read
+        assert decoded["frames"] == c.end, (c, decoded)
+        emitted.append(c)
+    assert [c.index for c in emitted] == [0, 1, 2, 3]
+    assert [(c.start, c.end) for c in emitted] == [(0, 16), (16, 32), (32, 48), (48, 56)]
+    assert emitted[1].t_start == pytest.approx(16 / 30) and emitted[3].t_end == pytest.approx(56 / 30)
+    assert all(0 <= c.score <= 1 and c.latency_s > 0 for c in emitted)
+
+    # each online score is the detector on the clip feature, L2-normalised as the segments are
+    from stages.extract import extract_video
+
+    feats, _ = extract_video(scorer.cfg, scorer.extractor, data.parent / "test1.mp4")
+    for c in emitted:
+        x = torch.from_numpy(pool_segments(feats[c.index][None], [(0, 1)], l2=True))
+        assert c.score == pytest.approx(float(scorer.model.score(x)[0]), abs=1e-6)
+
+    # 4 clips: each of the 32 segments is a single clip, so offline scores equal the online ones
+    offline = scorer.score(data.parent / "test1.mp4")
+    assert offline.clip_scores == pytest.approx([c.score for c in emitted], abs=1e-6)
+
+    # the callback API sees the same clips; the per-frame scores spread them over their frames
+    seen = []
+    sv = scorer.score(data.parent / "test1.mp4", online=True, on_clip=seen.append)
+    assert [c.score for c in seen] == pytest.approx([c.score for c in emitted], abs=1e-7)
+    assert sv.mode == "online" and sv.n_frames == 56 and len(sv.clips) == 4
+    assert sv.scores[16:32] == pytest.approx([emitted[1].score] * 16, abs=1e-6)
+
+    code, out, err = _score(capsys, data.parent / "test1.mp4", "--run-dir", run, "--out", tmp_path, "--online")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "test1.json").read_text())
+    assert doc["mode"] == "online" and len(doc["clip_latency_s"]) == 4 and "approximate" in doc["note"]
+    assert doc["clip_scores"] == pytest.approx([c.score for c in emitted], abs=1e-6)
+
+
+def test_online_equals_offline_for_a_causal_clip_level_detector(clip_run, data):
+    from pipeline.score import RunScorer
+
+    scorer = RunScorer(clip_run)
+    assert scorer.input_level == "clips" and scorer.causal
+    for vid in ("test0", "test1", "test2"):
+        path = data.parent / f"{vid}.mp4"
+        offline = scorer.score(path)
+        online = scorer.score(path, online=True)
+        assert online.clip_ranges == offline.clip_ranges
+        assert online.scores == pytest.approx(offline.scores, abs=1e-6)
+        evaluated = np.load(_latest(clip_run)["evaluate"] / "items" / f"{vid}.scores.npy")
+        assert offline.scores == pytest.approx(evaluated, abs=1e-6)
+
+
+def test_online_refused_for_a_non_causal_detector(run, data, monkeypatch, capsys):
+    from models.sultani_mil import SultaniMIL
+
+    monkeypatch.setattr(SultaniMIL, "causal", False)
+    code, out, err = _score(capsys, data.parent / "test1.mp4", "--run-dir", run, "--online")
+    assert code == 2
+    assert err.count("\n") == 1 and "cannot run causally" in err and "model.pt" in err
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_missing_and_unreadable_videos_fail_alone(run, data, tmp_path, capsys):
+    missing = tmp_path / "nope.mp4"
+    code, out, err = _score(capsys, missing, "--run-dir", run, "--out", tmp_path / "o")
+    assert code == 1
+    _one_line_error(err, str(missing), "no such video file")
+
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n")
+    code, out, err = _score(capsys, text, "--run-dir", run, "--out", tmp_path / "o")
+    assert code == 1
+    _one_line_error(err, str(text), "not a readable video")
+
+    # one failure never stops the others; a 5-frame video is one padded clip (extract.partial_clip=pad)
+    short = tmp_path / "short.mp4"
+    write_video(short, moving_square_video(5))
+    code, out, err = _score(capsys, text, data.parent / "test0.mp4", missing, short, "--run-dir", run, "--out", tmp_path / "o")
+    assert code == 1
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert str(text) in err and str(missing) in err
+    assert (tmp_path / "o" / "test0.csv").is_file() and not (tmp_path / "o" / "notes.csv").exists()
+    assert json.loads((tmp_path / "o" / "short.json").read_text())["clip_ranges"] == [[0, 5]]
+    assert "2 of 4 video(s) failed" in out
+
+
+def test_run_dir_without_trained_detector(run, data, tmp_path, capsys):
+    video = data.parent / "test0.mp4"
+    code, out, err = _score(capsys, video, "--run-dir", tmp_path / "absent")
+    assert code == 2
+    _one_line_error(err, str(tmp_path / "absent"), "no such run directory")
+
+    features_only = tmp_path / "features_only"
+    make_runner(data, features_only).run(["segment"])
+    code, out, err = _score(capsys, video, "--run-dir", features_only)
+    assert code == 2
+    _one_line_error(err, str(features_only), "no trained detector")
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    model = _latest(copy)["train"] / "model.pt"
+    model.unlink()
+    code, out, err = _score(capsys, video, "--run-dir", copy)
+    assert code == 2
+    _one_line_error(err, str(model), "no trained detector")
+
+
+def test_detector_trained_on_other_features(run, data, tmp_path, capsys):
+    from models.sultani_mil import SultaniMIL, SultaniMILConfig
+
+    video = data.parent / "test0.mp4"
+    # 1. model.pt of a detector trained on 12-D features, in a run whose extractor gives 7-D
+    copy = tmp_path / "dim"
+    shutil.copytree(run, copy)
+    model = _latest(copy)["train"] / "model.pt"
+    saved = torch.load(model, weights_only=True)
+    other = SultaniMIL(12, SultaniMILConfig(hidden=(16, 8)))
+    saved.update(feature_dim=12, state_dict=other.state_dict())
+    torch.save(saved, model)
+    code, out, err = _score(capsys, video, "--run-dir", copy)
+    assert code == 2
+    _one_line_error(err, str(model), "trained on 12-D features", "7-D")
+
+    # 2. the run's extractor changed after training (same run dir, `run --stage extract` with another one)
+    register_rgb_extractor()
+    copy = tmp_path / "extractor"
+    shutil.copytree(run, copy)
+    make_runner(data, copy, ["extract.extractor=test_rgb"]).run(["extract"])
+    model = _latest(copy)["train"] / "model.pt"
+    code, out, err = _score(capsys, video, "--run-dir", copy)
+    assert code == 2
+    _one_line_error(err, str(model), "trained on other features", "'test_motion'", "'test_rgb'")
