@@ -3,6 +3,7 @@
 Registered names (``pipeline list`` prints them):
 
 - ``sultani_mil``: MIL ranking (Sultani, Chen & Shah, CVPR 2018).
+- ``rtfm``: Robust Temporal Feature Magnitude learning (Tian et al., ICCV 2021).
 """
 
 from __future__ import annotations
@@ -28,5 +29,6 @@ def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
 
 
 from . import sultani_mil  # noqa: E402,F401
+from . import rtfm  # noqa: E402,F401
 
 __all__ = ["DETECTORS", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "register_detector"]

@@ -109,6 +109,9 @@ class Detector(nn.Module):
 
     Config: ClassVar[type[TrainConfig]] = TrainConfig
     input_level: ClassVar[str] = "segments"
+    #: bump when a change to the detector's code changes what training produces: it enters the
+    #: train stage's cache key, so old trained models are not reused for new code
+    version: ClassVar[int] = 1
     causal: ClassVar[bool] = False
     registry_name: ClassVar[str]
 

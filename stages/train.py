@@ -72,6 +72,9 @@ class TrainStage(Stage):
     upstream = ("segment",)
     per_video = False
 
+    def extra_inputs(self, ctx: Context) -> dict[str, Any]:
+        return {"detector_version": DETECTORS.get_class(ctx.cfg.train.method).version}
+
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
         return train_detector(ctx, out, inputs["segment"])
 
