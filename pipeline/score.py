@@ -349,7 +349,7 @@ class RunScorer:
 
     def _score_offline(self, path: Path, vid: str, info: dict[str, Any]) -> ScoredVideo:
         from pipeline.metrics import snippet_level
-        from stages.evaluate import score_video
+        from stages.evaluate import frames_from_units, score_units
         from stages.extract import iter_clip_features
         from stages.segment import pool_segments, segment_bins
 
@@ -362,18 +362,15 @@ class RunScorer:
             ranges.append((a, b))
         feats = np.stack(feats_list).astype(np.float32)  # [T, C, D], as the extract stage stores it
         meta = {"clip_ranges": [list(r) for r in ranges], "n_frames": int(info["n_frames"])}
+        seg = None
         if self.input_level == "segments":
             seg_cfg = self.cfg.segment
             bins = segment_bins(len(ranges), seg_cfg.num_segments, seg_cfg.scheme)
             segments = pool_segments(feats, bins, l2=self._segment_l2())
             seg = ({"bins": [list(b) for b in bins]}, {"segments": segments})
-            units = self.model.score(torch.from_numpy(segments).to(self.model_device)).cpu().numpy()
-            unit_ranges = [(ranges[a][0], ranges[b - 1][1]) for a, b in bins]
-        else:
-            seg = None
-            units = self.model.score(torch.from_numpy(feats).permute(1, 0, 2).contiguous().to(self.model_device)).cpu().numpy()
-            unit_ranges = list(ranges)
-        scores, covered = score_video(self.model, (meta, {"features": feats}), seg, self.model_device)
+        # one pass of the detector, shared with the evaluate stage's frame mapping
+        units, unit_ranges = score_units(self.model, (meta, {"features": feats}), seg, self.model_device)
+        scores, covered = frames_from_units(units, unit_ranges, int(info["n_frames"]))
         clip_scores, _ = snippet_level(scores, np.zeros(len(scores), np.int64), ranges)
         return self._result(path, vid, info, scores, covered, ranges, clip_scores.astype(np.float32),
                             self.input_level, unit_ranges, units.astype(np.float32), "offline", [])

@@ -47,8 +47,11 @@ def frames_from_units(unit_scores: np.ndarray, unit_frames: list[tuple[int, int]
     return scores, covered
 
 
-def score_video(model: torch.nn.Module, ext: tuple[dict, dict], seg: tuple[dict, dict] | None, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame scores ``[n_frames]`` and coverage mask of one video (see module docstring)."""
+def score_units(
+    model: torch.nn.Module, ext: tuple[dict, dict], seg: tuple[dict, dict] | None, device: str
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The detector's scores of one video's units (segments or clips, crops averaged) and each
+    unit's frame range ``[start, end)``, from the extract (and segment) items ``(meta, arrays)``."""
     meta, arrays = ext
     clip_ranges = [tuple(r) for r in meta["clip_ranges"]]
     if model.input_level == "segments":
@@ -62,7 +65,15 @@ def score_video(model: torch.nn.Module, ext: tuple[dict, dict], seg: tuple[dict,
         bags = torch.from_numpy(arrays["features"]).permute(1, 0, 2).contiguous().to(device)  # [C, T, D]
         units = model.score(bags).cpu().numpy()
         unit_frames = clip_ranges
-    return frames_from_units(units, unit_frames, int(meta["n_frames"]))
+    return units, unit_frames
+
+
+def score_video(
+    model: torch.nn.Module, ext: tuple[dict, dict], seg: tuple[dict, dict] | None, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame scores ``[n_frames]`` and coverage mask of one video (see module docstring)."""
+    units, unit_frames = score_units(model, ext, seg, device)
+    return frames_from_units(units, unit_frames, int(ext[0]["n_frames"]))
 
 
 class EvaluateStage(Stage):
