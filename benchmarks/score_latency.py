@@ -70,8 +70,8 @@ def main() -> None:
     from pipeline.score import RunScorer
 
     scorer = RunScorer(a.run_dir, device="cpu")
-    if scorer.cfg.extract.extractor != "i3d_inception":
-        raise SystemExit(f"{a.run_dir}: extractor is {scorer.cfg.extract.extractor}, not i3d_inception")
+    if scorer.cfg.extract.backbone != "i3d_inception":
+        raise SystemExit(f"{a.run_dir}: extractor is {scorer.cfg.extract.backbone}, not i3d_inception")
     if a.crops:
         scorer.cfg.extract.crops = a.crops
     crops = scorer.cfg.extract.crops

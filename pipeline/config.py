@@ -54,7 +54,7 @@ class DataConfig:
 class ExtractConfig:
     """Clip feature extraction (PROTOCOLS.md, 'Features and clips')."""
 
-    extractor: str = opt("i3d_inception", "registered extractor name (pipeline list)")
+    backbone: str = opt("i3d_inception", "registered extractor (backbone) name; `pipeline list` prints them")
     weights: str = opt("", "local weights file overriding the download; its sha256 enters the cache key")
     clip_len: int = opt(16, "frames per clip; clip i covers frames [16i, 16i+16) (PROTOCOLS.md)")
     crops: str = choice("10", ("10", "5", "center", "none"), "spatial crops per clip")

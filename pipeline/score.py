@@ -187,9 +187,9 @@ class RunScorer:
         ex = self.cfg.extract
         self.device = device or resolve_device(ex.device)
         try:
-            self.extractor = EXTRACTORS.get(ex.extractor, weights=ex.weights or None, device=self.device)
+            self.extractor = EXTRACTORS.get(ex.backbone, weights=ex.weights or None, device=self.device)
         except (RegistryError, OSError, ValueError, RuntimeError) as e:
-            raise ScoreError(f"{cfg_path}: cannot build extractor {ex.extractor!r}: {_one_line(e)}") from None
+            raise ScoreError(f"{cfg_path}: cannot build extractor {ex.backbone!r}: {_one_line(e)}") from None
         try:
             DETECTORS.get_class(self.method)
             self.model = load_detector(StageDir(self.train_dir), device or resolve_device(self.cfg.train.device))
@@ -231,7 +231,7 @@ class RunScorer:
             t_ex, t_seg = trained_cfg.get("extract", {}), trained_cfg.get("segment", {})
             diffs = [
                 f"extract.{k}: trained with {t_ex.get(k)!r}, run now has {getattr(ex, k)!r}"
-                for k in ("extractor", "weights", "clip_len")
+                for k in ("backbone", "weights", "clip_len")
                 if k in t_ex and t_ex.get(k) != getattr(ex, k)
             ]
             if self.saved.get("input_level") == "segments":
@@ -251,11 +251,11 @@ class RunScorer:
                                 "scores may differ slightly from the evaluation's)", self.model_path, k, t_ex[k], getattr(ex, k))
         # 2. feature size: the run's extracted features, else the extractor's declared size
         meta = self._run_extract_meta()
-        if meta is not None and meta.get("extractor") == ex.extractor and "feature_dim" in meta:
-            dim, source = int(meta["feature_dim"]), f"the run's {ex.extractor} features are"
+        if meta is not None and meta.get("extractor") == ex.backbone and "feature_dim" in meta:
+            dim, source = int(meta["feature_dim"]), f"the run's {ex.backbone} features are"
         else:
             try:
-                dim, source = int(EXTRACTORS.get_class(ex.extractor).feature_dim), f"extractor {ex.extractor} gives"
+                dim, source = int(EXTRACTORS.get_class(ex.backbone).feature_dim), f"extractor {ex.backbone} gives"
             except (RegistryError, AttributeError):
                 return  # reported when the extractor is built
         if dim != self.feature_dim:
@@ -267,7 +267,7 @@ class RunScorer:
     def _check_dim(self, path: Path, feats: np.ndarray) -> None:
         if feats.shape[-1] != self.feature_dim:
             raise ScoreError(
-                f"{path}: extractor {self.cfg.extract.extractor} gives {feats.shape[-1]}-D features but the "
+                f"{path}: extractor {self.cfg.extract.backbone} gives {feats.shape[-1]}-D features but the "
                 f"detector {self.model_path} was trained on {self.feature_dim}-D features"
             )
 
@@ -422,7 +422,7 @@ class RunScorer:
             "run_dir": str(self.run_dir.resolve()),
             "model": str(self.model_path.resolve()),
             "cache_keys": self.cache_keys(),
-            "extractor": {"name": ex.extractor, "weights_sha256": self.extractor.weights_checksum,
+            "extractor": {"name": ex.backbone, "weights_sha256": self.extractor.weights_checksum,
                           "crops": ex.crops, "crop_order": ex.crop_order, "clip_len": ex.clip_len,
                           "partial_clip": ex.partial_clip},
             "segment": {"scheme": seg.scheme, "num_segments": seg.num_segments} if self.input_level == "segments" else None,

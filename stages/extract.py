@@ -26,7 +26,7 @@ class ExtractStage(Stage):
     name = "extract"
     version = 1
     reads = (
-        "extract.extractor",
+        "extract.backbone",
         "extract.clip_len",
         "extract.crops",
         "extract.crop_order",
@@ -53,7 +53,7 @@ class ExtractStage(Stage):
             return {}
         from extractors import EXTRACTORS
 
-        cls = EXTRACTORS.get_class(ctx.cfg.extract.extractor)
+        cls = EXTRACTORS.get_class(ctx.cfg.extract.backbone)
         return {"weights_sha256": cls.expected_checksum(ctx.cfg.extract.weights or None)}
 
     def prepare(self, ctx: Context, out: StageDir) -> None:
@@ -69,7 +69,7 @@ class ExtractStage(Stage):
 
             cfg = ctx.cfg.extract
             self.extractor = EXTRACTORS.get(
-                cfg.extractor, weights=cfg.weights or None, device=resolve_device(cfg.device)
+                cfg.backbone, weights=cfg.weights or None, device=resolve_device(cfg.device)
             )
 
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:

@@ -41,7 +41,7 @@ def make_dataset(root: Path, broken: bool = False) -> Path:
 
 
 SETTINGS = [
-    "extract.extractor=test_motion",
+    "extract.backbone=test_motion",
     "extract.crops=center",
     "train.iterations=60",
     "train.batch_abnormal=4",

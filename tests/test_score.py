@@ -300,7 +300,7 @@ def test_detector_trained_on_other_features(run, data, tmp_path, capsys):
     register_rgb_extractor()
     copy = tmp_path / "extractor"
     shutil.copytree(run, copy)
-    make_runner(data, copy, ["extract.extractor=test_rgb"]).run(["extract"])
+    make_runner(data, copy, ["extract.backbone=test_rgb"]).run(["extract"])
     model = _latest(copy)["train"] / "model.pt"
     code, out, err = _score(capsys, video, "--run-dir", copy)
     assert code == 2
