@@ -12,7 +12,7 @@ from typing import Callable
 
 from pipeline.registry import Registry
 
-from .base import Detector, FeatureBank, MILBatch, TrainConfig
+from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, length_mask, pad_clip_batch
 
 DETECTORS: Registry[Detector] = Registry("detector")
 
@@ -31,4 +31,7 @@ def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
 from . import sultani_mil  # noqa: E402,F401
 from . import rtfm  # noqa: E402,F401
 
-__all__ = ["DETECTORS", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "register_detector"]
+__all__ = [
+    "DETECTORS", "ClipBank", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "length_mask", "pad_clip_batch",
+    "register_detector",
+]

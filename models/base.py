@@ -36,6 +36,12 @@ class TrainConfig:
     val_fraction: float = opt(0.2, "share of training videos held out when selection=val")
     val_every: int = opt(100, "validate every N steps when selection=val")
     checkpoint_every: int = opt(100, "write a resumable checkpoint every N steps", key=False)
+    mmap_over_gb: float = opt(
+        4.0,
+        "a training feature bank larger than this many GiB is memory-mapped from a file in the train "
+        "stage's folder instead of being held in RAM",
+        key=False,
+    )
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]'", key=False)
 
     def validate(self) -> None:
@@ -74,13 +80,111 @@ class FeatureBank:
     def subset(self, index: torch.Tensor) -> "FeatureBank":
         return FeatureBank(self.features[index], self.labels[index], [self.ids[int(i)] for i in index])
 
+    def bags(self, i: int) -> torch.Tensor:
+        """Video ``i``'s ``[C, S, D]`` segment bags, as :meth:`Detector.score` takes them."""
+        return self.features[i]
+
+
+@dataclass
+class ClipBank:
+    """All training videos' clip-level features (variable length), loaded once.
+
+    For detectors trained on clips rather than 32 segments (AR-Net, CLAWS). The clips of every video
+    are concatenated along the first axis (no padding, so one long video costs no memory for the
+    others); ``features`` may be backed by a memory-mapped file when the bank is large.
+
+    Attributes:
+        features: ``[sum T_i, C, D]`` float32: all videos' clips, video after video.
+        offsets: ``[N + 1]`` int64: video i's clips are rows ``offsets[i]:offsets[i+1]``.
+        labels: ``[N]`` int64, 1 anomalous / 0 normal.
+        ids: the N video ids.
+    """
+
+    features: torch.Tensor
+    offsets: torch.Tensor
+    labels: torch.Tensor
+    ids: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[N]`` int64: clips per video."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def abnormal_index(self) -> torch.Tensor:
+        return torch.nonzero(self.labels == 1).flatten()
+
+    @property
+    def normal_index(self) -> torch.Tensor:
+        return torch.nonzero(self.labels == 0).flatten()
+
+    def clips(self, i: int) -> torch.Tensor:
+        """Video ``i``'s ``[T_i, C, D]`` clip features (a view)."""
+        return self.features[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+    def bags(self, i: int) -> torch.Tensor:
+        """Video ``i``'s ``[C, T_i, D]`` clip bags, as :meth:`Detector.score` takes them."""
+        return self.clips(i).permute(1, 0, 2)
+
+    def subset(self, index: torch.Tensor) -> "ClipBank":
+        parts = [self.clips(int(i)) for i in index]
+        lengths = torch.tensor([0] + [p.shape[0] for p in parts], dtype=torch.int64)
+        return ClipBank(torch.cat(parts), lengths.cumsum(0), self.labels[index], [self.ids[int(i)] for i in index])
+
+
+def pad_clip_batch(
+    bank: ClipBank, index: torch.Tensor, crops: torch.Tensor, max_len: int, gen: torch.Generator, mode: str = "uniform"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length clip sequences of the videos ``index`` (one crop each), zero-padded.
+
+    Args:
+        index: ``[B]`` video indices; crops: ``[B]`` crop index of each.
+        max_len: longest sequence kept (0: no limit). A longer video is cut down to ``max_len``
+            clips: ``uniform`` takes ``max_len`` evenly spaced clips with a random jitter inside each
+            stride (the W-TALC / AR-Net data loaders' sampling), ``window`` a random contiguous window.
+    Returns:
+        ``x`` ``[B, L, D]`` float32 (zeros after each sequence's end) and ``lengths`` ``[B]`` int64,
+        ``L = max(lengths)``.
+    """
+    seqs = []
+    for i, c in zip(index.tolist(), crops.tolist()):
+        x = bank.clips(i)[:, c]  # [T, D]
+        t = x.shape[0]
+        if max_len and t > max_len:
+            if mode == "window":
+                s = int(torch.randint(t - max_len + 1, (1,), generator=gen))
+                x = x[s : s + max_len]
+            else:
+                edges = torch.linspace(0, t, max_len + 1)
+                pick = (edges[:-1] + torch.rand(max_len, generator=gen) * (edges[1:] - edges[:-1])).long()
+                x = x[pick.clamp_(max=t - 1)]
+        seqs.append(torch.as_tensor(x, dtype=torch.float32))
+    lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.int64)
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True), lengths
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``[B, max_len]`` bool, True on the first ``lengths[b]`` positions of row b."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
 
 @dataclass
 class MILBatch:
-    """One training batch: ``abnormal`` ``[Ba, S, D]`` and ``normal`` ``[Bn, S, D]`` float32 bags."""
+    """One training batch: ``abnormal`` ``[Ba, S, D]`` and ``normal`` ``[Bn, S, D]`` float32 bags.
+
+    For clip-level detectors the bags are zero-padded variable-length sequences and
+    ``abnormal_lengths`` / ``normal_lengths`` (``[Ba]`` / ``[Bn]`` int64) give each one's true length;
+    for 32-segment bags they are None (every bag is full).
+    """
 
     abnormal: torch.Tensor
     normal: torch.Tensor
+    abnormal_lengths: torch.Tensor | None = None
+    normal_lengths: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "MILBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MILBatch(move(self.abnormal), move(self.normal), move(self.abnormal_lengths), move(self.normal_lengths))
 
 
 def _draw(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -131,14 +235,31 @@ class Detector(nn.Module):
     def make_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def sample_batch(self, bank: FeatureBank, gen: torch.Generator) -> MILBatch:
-        """Default composition: ``batch_abnormal`` anomalous + ``batch_normal`` normal videos, one random crop each."""
+    def setup(self, bank: "FeatureBank | ClipBank", gen: torch.Generator) -> None:
+        """Called once before the first step of a fresh run (not on resume, where the checkpoint
+        restores the state), e.g. NG-MIL's k-means prototype initialisation. Default: nothing."""
+
+    def before_step(self, bank: "FeatureBank | ClipBank", step: int, gen: torch.Generator) -> None:
+        """Called before each step's batch is drawn (``step`` counts from 0), e.g. CLAWS's per-epoch
+        k-means. State it keeps must live in buffers so that checkpoints carry it. Default: nothing."""
+
+    def sample_batch(self, bank: "FeatureBank | ClipBank", gen: torch.Generator) -> MILBatch:
+        """Default composition: ``batch_abnormal`` anomalous + ``batch_normal`` normal videos, one random crop each.
+
+        From a :class:`ClipBank` the bags are padded clip sequences cut to ``cfg.max_clips`` (if the
+        config has one) by :func:`pad_clip_batch`.
+        """
         a = _draw(bank.abnormal_index, self.cfg.batch_abnormal, gen)
         n = _draw(bank.normal_index, self.cfg.batch_normal, gen)
         crops = bank.features.shape[1]
         ca = torch.randint(crops, (a.numel(),), generator=gen)
         cn = torch.randint(crops, (n.numel(),), generator=gen)
-        return MILBatch(abnormal=bank.features[a, ca], normal=bank.features[n, cn])
+        if isinstance(bank, ClipBank):
+            max_len = int(getattr(self.cfg, "max_clips", 0))
+            xa, la = pad_clip_batch(bank, a, ca, max_len, gen)
+            xn, ln = pad_clip_batch(bank, n, cn, max_len, gen)
+            return MILBatch(xa, xn, la, ln)
+        return MILBatch(abnormal=torch.as_tensor(bank.features[a, ca]), normal=torch.as_tensor(bank.features[n, cn]))
 
     @torch.no_grad()
     def score(self, bags: torch.Tensor) -> torch.Tensor:

@@ -176,10 +176,16 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     #: manifest columns whose values enter the key
     manifest_columns: ClassVar[tuple[str, ...]] = ()
+    #: the stages whose outputs this one reads (see :meth:`upstream_for`)
     upstream: ClassVar[tuple[str, ...]] = ()
     per_video: ClassVar[bool] = True
     #: which split's videos a per-video stage processes (None: all)
     splits: ClassVar[tuple[str, ...] | None] = None
+
+    def upstream_for(self, cfg: RunConfig) -> tuple[str, ...]:
+        """The upstream stages this run's config needs; default :attr:`upstream`. Only these enter
+        the cache key, so e.g. a clip-level detector's training does not depend on segmenting."""
+        return self.upstream
 
     # -- key ---------------------------------------------------------------------------------
     def config_inputs(self, cfg: RunConfig) -> dict[str, Any]:
@@ -259,12 +265,16 @@ class Runner:
             "stage": name,
             "version": stage.version,
             "config": stage.config_inputs(self.ctx.cfg),
-            "upstream": {u: upstream_fps[u] for u in stage.upstream},
+            "upstream": {u: upstream_fps[u] for u in self.upstream_of(name)},
         }
         if stage.manifest_columns:
             inputs["manifest"] = self.ctx.manifest.fingerprint(stage.manifest_columns)
         inputs.update(stage.extra_inputs(self.ctx))
         return inputs
+
+    def upstream_of(self, name: str) -> tuple[str, ...]:
+        """The stages ``name`` reads, for this run's config (train skips segment for clip-level detectors)."""
+        return self.stages[name].upstream_for(self.ctx.cfg)
 
     def stage_dir(self, name: str, inputs: dict[str, Any]) -> StageDir:
         return StageDir(self.stage_root(name) / stable_hash(inputs)[:16])
@@ -281,7 +291,7 @@ class Runner:
         def visit(n: str) -> None:
             if n not in need:
                 need.add(n)
-                for u in self.stages[n].upstream:
+                for u in self.upstream_of(n):
                     visit(u)
 
         for t in targets:
@@ -304,7 +314,7 @@ class Runner:
             dirs: dict[str, StageDir | None] = {}
             for name in self.closure(targets):
                 stage = self.stages[name]
-                missing = [u for u in stage.upstream if not self._usable(u, dirs.get(u))]
+                missing = [u for u in self.upstream_of(name) if not self._usable(u, dirs.get(u))]
                 if missing:
                     why = f"upstream {', '.join(missing)} produced nothing usable"
                     log.error("%s: skipped, %s", name, why)
@@ -316,7 +326,7 @@ class Runner:
                 if name in force and sd.path.exists():
                     log.info("%s: --force, removing %s", name, sd.path)
                     shutil.rmtree(sd.path)
-                report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in stage.upstream})
+                report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in self.upstream_of(name)})
                 reports.append(report)
                 dirs[name] = sd
                 fps[name] = self.output_fingerprint(name, sd)
@@ -377,7 +387,7 @@ class Runner:
             return report
 
         videos = stage.videos(self.ctx)
-        for u in stage.upstream:  # only videos every per-video upstream stage completed
+        for u in ups:  # only videos every per-video upstream stage completed
             if self.stages[u].per_video:
                 available = set(ups[u].complete_items())
                 videos = [v for v in videos if v.id in available]
@@ -420,7 +430,7 @@ class Runner:
         fps: dict[str, str] = {}
         for name in self.order:
             stage = self.stages[name]
-            blocked = [u for u in stage.upstream if u not in fps]
+            blocked = [u for u in self.upstream_of(stage.name) if u not in fps]
             if blocked:
                 root = self.stage_root(name)
                 if root.is_dir() and any(root.iterdir()):

@@ -84,10 +84,19 @@ class EvaluateStage(Stage):
     upstream = ("extract", "segment", "train")
     per_video = False
 
+    def upstream_for(self, cfg: Any) -> tuple[str, ...]:
+        """Clip-level detectors score extract's clips and need no segments."""
+        from models import DETECTORS
+
+        level = DETECTORS.get_class(cfg.train.method).input_level
+        return self.upstream if level == "segments" else ("extract", "train")
+
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
         device = resolve_device(ctx.cfg.train.device)
         model = load_detector(inputs["train"], device)
-        done = set(inputs["extract"].complete_items()) & set(inputs["segment"].complete_items())
+        done = set(inputs["extract"].complete_items())
+        if "segment" in inputs:
+            done &= set(inputs["segment"].complete_items())
         tests = [v for v in ctx.manifest.split("test") if v.id in done]
         missing = [v.id for v in ctx.manifest.split("test") if v.id not in done]
         if not tests:
@@ -97,7 +106,7 @@ class EvaluateStage(Stage):
         warnings: list[str] = []
         for v in tests:
             ext = inputs["extract"].load_item(v.id)
-            seg = inputs["segment"].load_item(v.id)
+            seg = inputs["segment"].load_item(v.id) if "segment" in inputs else None
             scores, covered = score_video(model, ext, seg, device)
             n = len(scores)
             if any(e > n for _, e in v.intervals):

@@ -1,6 +1,9 @@
-"""Train stage: fit the chosen detector on cached segment features, resumably.
+"""Train stage: fit the chosen detector on cached features, resumably.
 
-All training bags are loaded once into one ``[N, C, S, D]`` tensor (no per-step file reads). Every
+Segment-level detectors (``input_level == "segments"``) train on the segment stage's bags, all loaded
+once into one ``[N, C, S, D]`` tensor; clip-level ones (AR-Net, CLAWS) on the extract stage's clips,
+concatenated into one ``[sum T, C, D]`` :class:`~models.base.ClipBank`. Either is memory-mapped from
+a file when larger than ``train.mmap_over_gb``; there are no per-step file reads. Every
 ``train.checkpoint_every`` steps the model, optimiser, step, RNG states and config are written
 atomically to ``checkpoint.pt``; a rerun after a kill resumes from it and, with the same seed,
 ends with the same weights as an uninterrupted run. Model selection never looks at the test set:
@@ -13,33 +16,70 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models import DETECTORS, FeatureBank
+from models import DETECTORS, ClipBank, FeatureBank
 from pipeline.cache import atomic_torch_save, atomic_write_text
 from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def load_bank(ctx: Context, seg_dir: StageDir, split: str = "train") -> FeatureBank:
-    """Every ``split`` video's segments as one FeatureBank (videos whose segments are missing are skipped)."""
-    done = set(seg_dir.complete_items())
+def _bank_storage(shape: tuple[int, ...], limit_gb: float, folder: Path) -> np.ndarray:
+    """An empty float32 array of ``shape``: in RAM, or memory-mapped from ``folder/bank.npy`` when it
+    is larger than ``limit_gb`` GiB (UCF-Crime's 10-crop 2048-D clips are ~60 GB)."""
+    nbytes = int(np.prod(shape)) * 4
+    if nbytes <= limit_gb * 2**30:
+        return np.empty(shape, np.float32)
+    path = folder / "bank.npy"
+    log.info("train: feature bank is %.1f GiB; memory-mapping it from %s", nbytes / 2**30, path)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def _split_videos(ctx: Context, src: StageDir, split: str) -> list[Any]:
+    done = set(src.complete_items())
     videos = [v for v in ctx.manifest.split(split) if v.id in done]
     if not videos:
-        raise StageError(f"no {split} videos have segment features in {seg_dir.path}")
-    feats, labels = [], []
-    for v in videos:
-        _, arrays = seg_dir.load_item(v.id)
-        feats.append(torch.from_numpy(arrays["segments"]))
-        labels.append(v.label)
-    shapes = {tuple(f.shape) for f in feats}
-    if len(shapes) != 1:
-        raise StageError(f"segment features of different shapes {sorted(shapes)}; rerun segment with --force")
-    return FeatureBank(torch.stack(feats), torch.tensor(labels), [v.id for v in videos])
+        raise StageError(f"no {split} videos have features in {src.path}")
+    return videos
+
+
+def load_bank(ctx: Context, seg_dir: StageDir, split: str = "train", folder: Path | None = None) -> FeatureBank:
+    """Every ``split`` video's segments as one ``[N, C, S, D]`` FeatureBank, read once (videos whose
+    segments are missing are skipped)."""
+    videos = _split_videos(ctx, seg_dir, split)
+    first = seg_dir.load_item(videos[0].id)[1]["segments"].shape
+    limit = getattr(ctx.cfg.train, "mmap_over_gb", 4.0)
+    feats = _bank_storage((len(videos), *first), limit, folder or seg_dir.path)
+    for i, v in enumerate(videos):
+        seg = seg_dir.load_item(v.id)[1]["segments"]
+        if seg.shape != first:
+            raise StageError(f"segment features of different shapes ({first} and {seg.shape} for {v.id}); rerun segment with --force")
+        feats[i] = seg
+    labels = torch.tensor([v.label for v in videos])
+    return FeatureBank(torch.from_numpy(feats), labels, [v.id for v in videos])
+
+
+def load_clip_bank(ctx: Context, ext_dir: StageDir, split: str = "train", folder: Path | None = None) -> ClipBank:
+    """Every ``split`` video's clip features ``[T_i, C, D]`` concatenated into one ClipBank, read once."""
+    videos = _split_videos(ctx, ext_dir, split)
+    metas = [ext_dir.load_item(v.id, verify=False)[0] for v in videos]
+    lengths = [len(m["clip_ranges"]) for m in metas]
+    first = ext_dir.load_item(videos[0].id)[1]["features"].shape
+    limit = getattr(ctx.cfg.train, "mmap_over_gb", 4.0)
+    feats = _bank_storage((sum(lengths), *first[1:]), limit, folder or ext_dir.path)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    for i, v in enumerate(videos):
+        f = ext_dir.load_item(v.id)[1]["features"]
+        if f.shape[1:] != first[1:] or f.shape[0] != lengths[i]:
+            raise StageError(f"{v.id}: clip features of shape {f.shape}, expected [{lengths[i]}, {first[1]}, {first[2]}]")
+        feats[offsets[i] : offsets[i + 1]] = f
+    labels = torch.tensor([v.label for v in videos])
+    return ClipBank(torch.from_numpy(feats), torch.from_numpy(offsets), labels, [v.id for v in videos])
 
 
 def split_validation(bank: FeatureBank, fraction: float, seed: int) -> tuple[FeatureBank, FeatureBank]:
@@ -59,7 +99,8 @@ def video_auc(model: torch.nn.Module, bank: FeatureBank) -> float:
     """Video-level ROC AUC of each bag's max segment score (for validation; labels are video-level)."""
     from sklearn.metrics import roc_auc_score
 
-    scores = [float(model.score(bank.features[i]).max()) for i in range(len(bank.ids))]
+    device = next(model.parameters()).device
+    scores = [float(model.score(bank.bags(i).to(device)).max()) for i in range(len(bank.ids))]
     labels = bank.labels.numpy()
     return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
 
@@ -72,11 +113,16 @@ class TrainStage(Stage):
     upstream = ("segment",)
     per_video = False
 
+    def upstream_for(self, cfg: Any) -> tuple[str, ...]:
+        """Segment-level detectors train on the segment stage's bags, clip-level ones on extract's clips."""
+        level = DETECTORS.get_class(cfg.train.method).input_level
+        return ("segment",) if level == "segments" else ("extract",)
+
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:
         return {"detector_version": DETECTORS.get_class(ctx.cfg.train.method).version}
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
-        return train_detector(ctx, out, inputs["segment"])
+        return train_detector(ctx, out, inputs)
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -93,16 +139,23 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_detector(ctx: Context, out: StageDir, seg_dir: StageDir) -> dict[str, Any]:
+def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
+    """Train ``ctx.cfg.train.method`` from the upstream features; see the module docstring."""
     cfg = ctx.cfg.train
     device = torch.device(resolve_device(cfg.device))
-    bank = load_bank(ctx, seg_dir)
+    bank: FeatureBank | ClipBank
+    if "segment" in inputs:
+        bank = load_bank(ctx, inputs["segment"], folder=out.path)
+    else:
+        bank = load_clip_bank(ctx, inputs["extract"], folder=out.path)
     if bank.abnormal_index.numel() == 0 or bank.normal_index.numel() == 0:
         raise StageError("training needs both anomalous (label 1) and normal (label 0) training videos")
     val = None
     if cfg.selection == "val":
         bank, val = split_validation(bank, cfg.val_fraction, cfg.seed)
-    bank = FeatureBank(bank.features.to(device), bank.labels.to(device), bank.ids)
+    mapped = bank.features.numel() * 4 > cfg.mmap_over_gb * 2**30
+    if not mapped:  # a bank that fits in memory also goes to the GPU once; a mapped one stays on disk
+        bank.features = bank.features.to(device)
     feature_dim = int(bank.features.shape[-1])
 
     torch.manual_seed(cfg.seed)
@@ -120,6 +173,8 @@ def train_detector(ctx: Context, out: StageDir, seg_dir: StageDir) -> dict[str, 
         _set_rng_state(ckpt["rng"], gen)
         rows, best, start = ckpt["log"], ckpt["best"], ckpt["step"]
         log.info("train: resuming from step %d of %d (%s)", start, cfg.iterations, ckpt_path)
+    else:
+        model.setup(bank, gen)
 
     def checkpoint(step: int) -> None:
         atomic_torch_save(
@@ -141,7 +196,8 @@ def train_detector(ctx: Context, out: StageDir, seg_dir: StageDir) -> dict[str, 
         range(start, cfg.iterations), ctx.progress, desc="train", unit="step", initial=start, total=cfg.iterations
     )
     for step in steps:
-        batch = model.sample_batch(bank, gen)
+        model.before_step(bank, step, gen)
+        batch = model.sample_batch(bank, gen).to(device)
         terms = model.losses(batch)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -174,6 +230,7 @@ def train_detector(ctx: Context, out: StageDir, seg_dir: StageDir) -> dict[str, 
             "selected_step": best["step"] if cfg.selection == "val" else cfg.iterations,
         },
     )
+    (out.path / "bank.npy").unlink(missing_ok=True)  # the memory-mapped bank, if any, is rebuilt on demand
     final = rows[-1] if rows else {}
     return {
         "iterations": cfg.iterations,
