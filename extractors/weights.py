@@ -14,6 +14,13 @@ archive, ``archive_member`` the member's name inside it, ``archive_sha256`` the 
    unpacked if it is an archive, and renamed into place atomically.
 
 Every failure raises :class:`WeightsError` with a message that says what went wrong and how to fix it.
+
+Weights whose publisher gives no checksum (``WeightSpec.sha256 = None``; e.g. pytorchvideo's model zoo and
+the C3D PyTorch port) are *pinned on first use*: the first download, which nothing can verify (or a file
+found in the cache without a pin), has its sha256 recorded in ``<cache_dir>/weights/<filename>.sha256``,
+and every later use, and any later download, must match that pin. A local file given with ``local_path`` cannot be
+checked against anything for such a spec; it is used as is (its loader checks its layout) and its own
+sha256 is what enters the cache key.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ class WeightSpec:
     Attributes:
         name: human-readable name used in messages (``"I3D Kinetics-400 RGB"``).
         url: where to download the file, or the ``.tar.gz`` archive holding it.
-        sha256: sha256 of the weights file itself (hex, lower case).
+        sha256: sha256 of the weights file itself (hex, lower case), or None when the publisher gives
+            none: the file is then pinned on first use (see the module docstring, :func:`pinned_sha256`).
         filename: name of the file in the cache folder.
         archive_member: if set, ``url`` is a ``.tar.gz`` archive and the weights are this member of it.
         archive_sha256: sha256 of the archive at ``url``; required when ``archive_member`` is set.
@@ -58,7 +66,7 @@ class WeightSpec:
 
     name: str
     url: str
-    sha256: str
+    sha256: str | None
     filename: str
     archive_member: str | None = None
     archive_sha256: str | None = None
@@ -66,12 +74,14 @@ class WeightSpec:
     def __post_init__(self) -> None:
         if self.archive_member is not None and not self.archive_sha256:
             raise ValueError(f"WeightSpec {self.name!r}: archive_member needs archive_sha256")
+        if self.sha256 is None and self.archive_member is not None:
+            raise ValueError(f"WeightSpec {self.name!r}: an archive member needs a known sha256")
         if Path(self.filename).name != self.filename:
             raise ValueError(f"WeightSpec {self.name!r}: filename must be a bare file name, got {self.filename!r}")
 
     @property
-    def download_sha256(self) -> str:
-        """sha256 of what ``url`` serves: the archive if there is one, else the weights file."""
+    def download_sha256(self) -> str | None:
+        """sha256 of what ``url`` serves: the archive if there is one, else the weights file (None: unpublished)."""
         return self.archive_sha256 if self.archive_member is not None else self.sha256  # type: ignore[return-value]
 
 
@@ -89,6 +99,56 @@ def cached_weights_path(spec: WeightSpec) -> Path:
     return cache_dir() / "weights" / spec.filename
 
 
+def pin_path(spec: WeightSpec) -> Path:
+    """Where the sha256 of a spec without a published checksum is pinned: ``<cached file>.sha256``."""
+    return cached_weights_path(spec).with_name(spec.filename + ".sha256")
+
+
+def pinned_sha256(spec: WeightSpec) -> str | None:
+    """The sha256 the default weights of ``spec`` must have: ``spec.sha256``, else the pinned one, else None."""
+    if spec.sha256 is not None:
+        return spec.sha256
+    try:
+        text = pin_path(spec).read_text().strip().lower()
+    except OSError:
+        return None
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        logger.warning("ignoring %s: not a sha256 (%r)", pin_path(spec), text[:80])
+        return None
+    return text
+
+
+def _write_pin(spec: WeightSpec, digest: str, origin: str) -> None:
+    pin = pin_path(spec)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{pin.name}.", suffix=".tmp", dir=pin.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(digest + "\n")
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, pin)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    logger.warning(
+        "%s weights have no published sha256; pinned the sha256 of %s, %s, in %s (trust on first use: "
+        "later uses and downloads must match it)", spec.name, origin, digest, pin,
+    )
+
+
+def default_weights_sha256(spec: WeightSpec) -> str:
+    """sha256 of the default weights of ``spec``, for cache keys.
+
+    ``spec.sha256`` or the pinned sha256, without touching the network; a spec with neither has its
+    weights fetched (downloaded) now, which pins them. Raises :class:`WeightsError` as :func:`fetch_weights`.
+    """
+    digest = pinned_sha256(spec)
+    if digest is None:
+        fetch_weights(spec)
+        digest = pinned_sha256(spec)
+        if digest is None:  # pragma: no cover - fetch_weights pins or raises
+            raise WeightsError(f"{spec.name}: no sha256 pinned at {pin_path(spec)} after fetching the weights")
+    return digest
+
+
 def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Path:
     """A path to a verified copy of the weights file of ``spec``.
 
@@ -97,7 +157,8 @@ def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Pat
         local_path: a file the user supplies (the weights file itself, or the archive when ``spec``
             has one); it is verified and nothing is downloaded. An archive is unpacked into the cache.
     Returns:
-        Path of a file whose sha256 is ``spec.sha256``.
+        Path of a file whose sha256 is ``spec.sha256`` (or, for a spec without one, the pinned sha256;
+        a local file for such a spec is returned unverified).
     Raises:
         WeightsError: a missing or mismatching local file, a failed download, a download that does not
             verify, or an archive without the expected member.
@@ -106,14 +167,18 @@ def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Pat
     if local_path is not None:
         return _use_local(spec, Path(local_path).expanduser(), dest)
 
+    expected = pinned_sha256(spec)  # spec.sha256 unless unpublished
     if dest.is_file():
         actual = sha256_file(dest)
-        if actual == spec.sha256:
+        if expected is None:  # unpublished checksum, a file put in the cache by hand: pin it
+            _write_pin(spec, actual, f"the cached file {dest}")
+            return dest
+        if actual == expected:
             logger.debug("using cached %s weights at %s", spec.name, dest)
             return dest
         logger.warning(
             "cached %s weights at %s are corrupt (sha256 %s, expected %s); deleting and fetching again",
-            spec.name, dest, actual, spec.sha256,
+            spec.name, dest, actual, expected,
         )
         dest.unlink(missing_ok=True)
 
@@ -128,10 +193,15 @@ def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Pat
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise WeightsError(_offline_message(spec, dest, exc)) from exc
         actual = sha256_file(tmp)
-        if actual != spec.download_sha256:
+        want = spec.download_sha256 if spec.sha256 is not None else expected
+        if want is not None and actual != want:
+            pinned = "" if spec.sha256 is not None else (
+                f" (the sha256 pinned at {pin_path(spec)} by an earlier download; delete that file if the "
+                "published weights really changed)"
+            )
             raise WeightsError(
                 f"the download of {spec.name} weights from {spec.url} does not verify: sha256 {actual}, "
-                f"expected {spec.download_sha256} (the server or a proxy returned something else). "
+                f"expected {want}{pinned} (the server or a proxy returned something else). "
                 + _how_to_fix(spec, dest)
             )
         if spec.archive_member is not None:
@@ -140,6 +210,8 @@ def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Pat
             _fsync(tmp)
             os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
             os.replace(tmp, dest)
+            if want is None:
+                _write_pin(spec, actual, f"the download from {spec.url}")
     finally:
         tmp.unlink(missing_ok=True)
     logger.info("saved %s weights to %s", spec.name, dest)
@@ -170,6 +242,9 @@ def _use_local(spec: WeightSpec, path: Path, dest: Path) -> Path:
     """Verify a user-supplied weights file or archive; unpack an archive into the cache."""
     if not path.is_file():
         raise WeightsError(f"{spec.name} weights file {path} does not exist (or is not a file)")
+    if spec.sha256 is None:
+        logger.info("using %s weights from %s (no published sha256 to verify it against)", spec.name, path)
+        return path
     actual = sha256_file(path)
     if actual == spec.sha256:
         logger.info("using %s weights from %s (sha256 verified)", spec.name, path)
@@ -258,6 +333,11 @@ def _fsync(path: Path) -> None:
 
 def _how_to_fix(spec: WeightSpec, dest: Path) -> str:
     what = "the archive" if spec.archive_member is not None else "the file"
+    if spec.sha256 is None:
+        return (
+            f"To fix it, download {spec.url} on a machine with internet access (no sha256 is published for "
+            f"it) and pass it with `--set extract.weights=PATH`, or put it at {dest} (it is pinned on first use)."
+        )
     return (
         f"To fix it, download {spec.url} on a machine with internet access (sha256 {spec.download_sha256}) "
         f"and pass it with `--set extract.weights=PATH` ({what}"
