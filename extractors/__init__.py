@@ -4,6 +4,10 @@ Registered names (``pipeline list`` prints them):
 
 - ``i3d_inception``: Inception-I3D (Carreira & Zisserman 2017), Kinetics-400 RGB weights
   (DeepMind's ``rgb_scratch``), Mixed_5c average-pooled to 1024-D per 16-frame clip, input in [-1, 1].
+- ``resnet50_i3d``: ResNet-50 I3D (pytorchvideo ``i3d_r50``, Kinetics-400 ``I3D_8x8_R50``), the 2048-D
+  input of its classification projection per 16-frame clip; RTFM's normalisation (mean 114.75, std 57.375).
+- ``c3d_fc6``: C3D Sports-1M (Tran et al. 2015; the DavideA/c3d-pytorch port of the weights), fc6 after ReLU,
+  4096-D per 16x112x112 clip; frames resized to 128x171, BGR minus the Caffe channel mean (Sultani et al.).
 """
 
 from __future__ import annotations
@@ -16,5 +20,7 @@ EXTRACTORS: Registry[ClipExtractor] = Registry("extractor")
 
 # Importing a module registers its extractors.
 from . import i3d_inception  # noqa: E402,F401
+from . import i3d_r50  # noqa: E402,F401
+from . import c3d  # noqa: E402,F401
 
 __all__ = ["EXTRACTORS", "ClipExtractor"]
