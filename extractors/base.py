@@ -32,6 +32,11 @@ class ClipExtractor(ABC):
     registry_name: str
     #: where the default weights come from (an ``extractors.weights.WeightSpec``)
     weights_spec: ClassVar[Any] = None
+    #: True when :meth:`normalize` is pointwise (each output value depends only on its own pixel's
+    #: channel values, e.g. a per-channel scale, mean and std): the extract stage then normalises each
+    #: resized frame once, before the crops are cut (the same values, fewer operations). Set False
+    #: for anything else; the stage then normalises the cropped clips.
+    pointwise_normalize: ClassVar[bool] = True
 
     @classmethod
     def expected_checksum(cls, weights: str | None = None) -> str:
@@ -55,6 +60,17 @@ class ClipExtractor(ABC):
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
         self.weights_override = weights
         self.device = torch.device(device)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Lay the network's weights out in ``memory_format`` (the extract stage passes
+        ``torch.channels_last_3d`` on CUDA and feeds clips in the same layout).
+
+        The default converts ``self.model`` when it is an ``nn.Module`` (only its 5-D conv weights
+        change layout) and otherwise does nothing; override it for networks stored elsewhere.
+        """
+        model = getattr(self, "model", None)
+        if isinstance(model, torch.nn.Module):
+            model.to(memory_format=memory_format)
 
     @property
     @abstractmethod

@@ -6,12 +6,23 @@ Crop orders (PROTOCOLS.md, 'Features and clips'):
   bottom-right, centre, then the same five of the horizontally flipped image (10-crop).
 - ``roc-ng``: the Roc-Ng / XD-Violence files ``__0``..``__9``: centre, then the four corners
   (tl, tr, bl, br), then the flips of those five in the same order.
+
+:func:`resize_frames` and :func:`spatial_crops` work on one clip; :func:`preprocess_clips` is the
+extract stage's batched path: uint8 clips already on the network's device are converted to float
+there, resized (the same float resize as :func:`resize_frames`, so the values are identical),
+normalised once per resized frame, and cropped with one copy straight into the network's input layout.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+#: input elements (float32) resized per interpolate call by :func:`preprocess_clips`: 2**26 = 256 MiB,
+#: so that 1080p batches do not need gigabytes at once (320x240 batches of 8 clips fit in one call)
+RESIZE_MAX_ELEMENTS = 2**26
 
 _CORNERS = ("tl", "tr", "bl", "br")
 
@@ -33,6 +44,16 @@ def crop_names(crops: str, order: str = "torchvision") -> list[str]:
     raise ValueError(f"unknown crop setting {crops!r}")
 
 
+def resized_size(h: int, w: int, resize: tuple) -> tuple[int, int]:
+    """Output ``(height, width)`` of :func:`resize_frames` for ``h x w`` frames."""
+    if resize[0] == "short":
+        s = int(resize[1])
+        return (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+    if resize[0] == "fixed":
+        return (int(resize[1]), int(resize[2]))
+    raise ValueError(f"unknown resize spec {resize!r}")
+
+
 def resize_frames(frames: torch.Tensor, resize: tuple) -> torch.Tensor:
     """Resize uint8 frames.
 
@@ -45,13 +66,7 @@ def resize_frames(frames: torch.Tensor, resize: tuple) -> torch.Tensor:
     """
     x = frames.permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
-    if resize[0] == "short":
-        s = int(resize[1])
-        size = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
-    elif resize[0] == "fixed":
-        size = (int(resize[1]), int(resize[2]))
-    else:
-        raise ValueError(f"unknown resize spec {resize!r}")
+    size = resized_size(h, w, resize)
     if size != (h, w):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
     return x
@@ -71,14 +86,7 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
     h, w = x.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"frames of {h}x{w} are smaller than the {size}x{size} crop")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision CenterCrop
-    boxes = {
-        "tl": (0, 0),
-        "tr": (0, w - size),
-        "bl": (h - size, 0),
-        "br": (h - size, w - size),
-        "c": (top, left),
-    }
+    boxes = _crop_boxes(h, w, size)
     out = []
     for name in crop_names(crops, order):
         base, flip = (name[:-5], True) if name.endswith("_flip") else (name, False)
@@ -86,3 +94,83 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
         c = x[..., y0 : y0 + size, x0 : x0 + size]
         out.append(c.flip(-1) if flip else c)
     return torch.stack(out)
+
+
+def _crop_boxes(h: int, w: int, size: int) -> dict[str, tuple[int, int]]:
+    """Top-left corner ``(y, x)`` of each named crop, as :func:`spatial_crops` places them."""
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision CenterCrop
+    return {"tl": (0, 0), "tr": (0, w - size), "bl": (h - size, 0), "br": (h - size, w - size), "c": (top, left)}
+
+
+def preprocess_clips(
+    clips: torch.Tensor,
+    resize: tuple,
+    crop_size: int,
+    crops: str,
+    order: str = "torchvision",
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize_after_crop: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    max_elements: int = RESIZE_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Batched resize + crops (+ normalisation) of uint8 clips, on whatever device ``clips`` is on.
+
+    The values equal the per-clip path (:func:`resize_frames`, :func:`spatial_crops`, then
+    ``normalize`` on the network input): frames become float32 before the resize, the resize is the
+    same call on the same frames (in pieces of at most ``max_elements`` input values), crops are the
+    same boxes, and a flipped crop is the same box of the flipped frame. ``normalize`` is applied
+    once per resized frame, before cropping, which gives identical values when it is pointwise
+    (each output value depends only on its own pixel's channel values: every per-channel scale /
+    mean / std / channel reordering); set ``normalize_after_crop`` for one that is not.
+
+    Args:
+        clips: ``[B, T, H, W, 3]`` uint8 RGB.
+        resize: as :func:`resize_frames`.
+        crop_size: crop side ``s``.
+        crops: ``"10"``, ``"5"``, ``"center"`` or ``"none"`` (the whole resized frame).
+        order: crop order (module docstring).
+        normalize: the extractor's ``normalize``, taking and returning ``[N, 3, T, h, w]``;
+            ``None`` leaves values in [0, 255].
+        memory_format: layout of the returned tensor (``torch.channels_last_3d`` for cuDNN).
+    Returns:
+        ``[B * C, 3, T, s, s]`` float32 (``[B, 3, T, h, w]`` for ``"none"``), clip-major: row
+        ``b * C + c`` is clip ``b``'s crop ``c`` in ``crop_names(crops, order)`` order. Values in
+        [0, 255] before ``normalize``.
+    """
+    if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+        raise ValueError(f"expected uint8 clips [B, T, H, W, 3], got {clips.dtype} {tuple(clips.shape)}")
+    b, t, h, w, _ = clips.shape
+    frames = clips.reshape(b * t, h, w, 3)
+    oh, ow = resized_size(h, w, resize)
+    step = max(1, max_elements // (3 * h * w))
+    if step >= b * t:
+        x = resize_frames(frames, resize)  # [B*T, 3, oh, ow]
+    else:
+        x = torch.empty((b * t, 3, oh, ow), dtype=torch.float32, device=clips.device)
+        for i in range(0, b * t, step):
+            x[i : i + step] = resize_frames(frames[i : i + step], resize)
+    x = x.view(b, t, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [B, 3, T, oh, ow], a view
+    if normalize is not None and not normalize_after_crop:
+        x = normalize(x)
+    if crops == "none":
+        out = x.contiguous(memory_format=memory_format)
+        return normalize(out) if normalize is not None and normalize_after_crop else out
+    if oh < crop_size or ow < crop_size:
+        raise ValueError(f"frames of {oh}x{ow} are smaller than the {crop_size}x{crop_size} crop")
+    names = crop_names(crops, order)
+    boxes = _crop_boxes(oh, ow, crop_size)
+    flipped = x.flip(-1) if any(n.endswith("_flip") for n in names) else None  # one copy of the frames
+    s = crop_size
+    out = torch.empty((b * len(names), 3, t, s, s), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    view = out.view(b, len(names), 3, t, s, s)
+    for c, name in enumerate(names):
+        if name.endswith("_flip"):
+            y0, x0 = boxes[name[:-5]]
+            # crop (y0, x0) of the image, mirrored == crop (y0, W - x0 - s) of the mirrored image
+            view[:, c].copy_(flipped[..., y0 : y0 + s, ow - x0 - s : ow - x0])
+        else:
+            y0, x0 = boxes[name]
+            view[:, c].copy_(x[..., y0 : y0 + s, x0 : x0 + s])
+    if normalize is not None and normalize_after_crop:
+        out = normalize(out)
+    return out

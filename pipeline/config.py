@@ -70,14 +70,51 @@ class ExtractConfig:
         "read published features instead of computing them (stages/feature_import.py); '' = compute",
     )
     import_root: str = opt("", "folder holding the features to import (searched recursively)")
+    target_fps: float = opt(
+        0.0,
+        "resample to this frame rate before cutting clips, by nearest-frame index selection (output frame j "
+        "= source frame floor(j * fps / target_fps)); clip ranges stay in source frames; 0 = native rate. "
+        "Some public UCF-Crime features were taken at 30 fps from 25 fps videos (PROTOCOLS.md, RTFM issue 78)",
+    )
+    precision: str = choice(
+        "fp32",
+        ("fp32", "bf16", "fp16"),
+        "network arithmetic: fp32 (no autocast; the reference features), bf16 autocast (CUDA or CPU), "
+        "fp16 autocast (CUDA only)",
+    )
+    feature_dtype: str = choice(
+        "float32",
+        ("float32", "float16"),
+        "dtype of the stored feature arrays: float32 as the public features (PROTOCOLS.md, RTFM's "
+        "[T, 10, 2048] float32); float16 halves the disk (loaders read either)",
+    )
     batch_clips: int = opt(8, "clips per network forward", key=False)
     chunk_frames: int = opt(128, "frames decoded at a time (bounds memory)", key=False)
+    prefetch_batches: int = opt(
+        2,
+        "batches of decoded clips a background thread queues ahead of the network (2 = double buffering: "
+        "one batch computing, one decoding; bounds memory); 0, or batch_clips=1 (online scoring's "
+        "per-clip mode), = decode in the calling thread",
+        key=False,
+    )
+    channels_last: bool = opt(
+        True,
+        "feed clips to the network in channels_last_3d layout (the layout the per-clip CPU path always "
+        "produced, so CPU features stay bit-identical), on CUDA the conv weights too (cuDNN's fast "
+        "path for 3D convolutions); False changes values only by float rounding",
+        key=False,
+    )
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]'", key=False)
-
 
     def validate(self) -> None:
         if self.clip_len < 1:
             raise ValueError("clip_len must be >= 1")
+        if not self.target_fps >= 0:
+            raise ValueError("target_fps must be >= 0 (0 = the video's own frame rate)")
+        if self.batch_clips < 1 or self.chunk_frames < 1:
+            raise ValueError("batch_clips and chunk_frames must be >= 1")
+        if self.prefetch_batches < 0:
+            raise ValueError("prefetch_batches must be >= 0 (0 = decode in the calling thread)")
         if self.import_format and not self.import_root:
             raise ValueError("import_format needs import_root (the folder holding the feature files)")
 

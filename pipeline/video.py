@@ -11,6 +11,11 @@ the file or folder. A container that reports more frames than it holds (a trunca
 wrong header) is decoded up to its last decodable frame; ``frames_decoded`` then holds the true
 count and a warning is logged.
 
+Two helpers for the extract stage live here too: :class:`FrameRateResampler` (nearest-frame
+resampling to another frame rate, applied chunk by chunk) and :class:`BackgroundIterator` (runs a
+decoding generator in a thread, a bounded number of items ahead, re-raising its errors in the
+consumer).
+
 decord is imported lazily, inside the functions that need it, so that training code importing
 this module never loads it.
 """
@@ -19,9 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import re
+import threading
+from collections.abc import Iterable
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generic, Iterator, TypeVar
 
 import numpy as np
 
@@ -345,6 +354,172 @@ def open_video(path: str | Path, folder_fps: float = DEFAULT_FOLDER_FPS) -> Vide
     if size == 0:
         raise VideoDecodeError(f"{p}: empty file (0 bytes)")
     return DecordVideo(p, fallback_fps=folder_fps)
+
+
+#: denominators allowed when a float frame rate is read as a fraction: exact for NTSC rates such as
+#: 30000/1001 (29.97) and 24000/1001, and for every integer or decimal-with-two-places rate
+FPS_MAX_DENOMINATOR = 10000
+
+
+class FrameRateResampler:
+    """Nearest-frame resampling of a frame stream from ``src_fps`` to ``target_fps``.
+
+    Rule: output frame ``j`` is source frame ``floor(j * src_fps / target_fps)``, the source frame on
+    screen at output time ``j / target_fps``; output frames continue while that source frame exists,
+    so ``N`` source frames give ``ceil(N * target_fps / src_fps)`` output frames. Upsampling (25 -> 30
+    fps) repeats some source frames (every fifth here), downsampling skips some. The ratio is taken
+    as an exact fraction of the two rates (each read with denominator <= :data:`FPS_MAX_DENOMINATOR`,
+    so 29.97 fps is 30000/1001), so the selection has no floating-point drift over long videos.
+
+    The selection is streaming: :meth:`select` is called with consecutive chunks of source frames
+    and returns which of them the output takes.
+    """
+
+    def __init__(self, src_fps: float, target_fps: float) -> None:
+        if not (src_fps > 0 and target_fps > 0):
+            raise ValueError(f"frame rates must be positive, got {src_fps!r} -> {target_fps!r}")
+        self.src_fps = float(src_fps)
+        self.target_fps = float(target_fps)
+        self.ratio = Fraction(self.src_fps).limit_denominator(FPS_MAX_DENOMINATOR) / Fraction(
+            self.target_fps
+        ).limit_denominator(FPS_MAX_DENOMINATOR)  # source frames per output frame
+        self.next_output = 0
+        self._next_source = 0
+
+    @property
+    def identity(self) -> bool:
+        """True when every source frame is taken exactly once (equal rates)."""
+        return self.ratio == 1
+
+    def source_index(self, j: int) -> int:
+        """The source frame that output frame ``j`` shows: ``floor(j * ratio)``."""
+        return (j * self.ratio.numerator) // self.ratio.denominator
+
+    def n_output(self, n_source: int) -> int:
+        """Output frames made from ``n_source`` source frames: ``ceil(n_source / ratio)``."""
+        return -((-n_source * self.ratio.denominator) // self.ratio.numerator)
+
+    def select(self, start: int, n: int) -> list[int]:
+        """Offsets (into the chunk ``[start, start + n)`` of source frames) of the frames the next
+        output frames show, in output order; an offset repeats when a source frame is repeated.
+
+        Raises:
+            ValueError: the chunk does not start where the previous one ended.
+        """
+        if start != self._next_source:
+            raise ValueError(f"source chunk starts at frame {start}, expected {self._next_source}")
+        self._next_source = start + n
+        out: list[int] = []
+        while True:
+            s = self.source_index(self.next_output)
+            if s >= start + n:
+                return out
+            out.append(s - start)
+            self.next_output += 1
+
+
+T = TypeVar("T")
+
+
+class BackgroundIterator(Generic[T]):
+    """Iterate ``source`` in a daemon thread, at most ``depth`` items ahead of the consumer.
+
+    The thread feeds a bounded queue, so memory holds at most ``depth`` finished items plus the one
+    being made. An exception raised by ``source`` is re-raised by :meth:`__next__` in the consumer
+    (the same exception object, with the worker's traceback). :meth:`close` (also on ``with`` exit
+    and when the consumer stops early) tells the thread to stop, drops queued items and joins it;
+    the thread notices between items, and a generator ``source`` is closed in the thread (its
+    ``finally`` blocks run there). Items are produced and consumed in order.
+
+    Use it for work that releases the GIL (decord, PyAV and OpenCV decode in C with the GIL released),
+    so that it overlaps the consumer's computation.
+    """
+
+    _POLL_S = 0.05
+
+    def __init__(self, source: Iterable[T], depth: int = 2, name: str = "wsvad-background") -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(source,), name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Iterable[T]) -> None:
+        it = iter(source)
+        try:
+            for item in it:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(("error", exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as exc:  # a generator's cleanup failing must not hide the real error
+                    log.debug("background source cleanup failed: %s", exc)
+
+    def __iter__(self) -> "BackgroundIterator[T]":
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=self._POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._done = True
+                    raise RuntimeError(f"background thread {self._thread.name} ended without a result") from None
+        if kind == "item":
+            return value
+        self._done = True
+        self.close()
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread and wait for it (up to ``timeout`` seconds; it finishes its current item)."""
+        self._done = True
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("background thread %s still running after %.0f s", self._thread.name, timeout)
+
+    def __enter__(self) -> "BackgroundIterator[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
 
 def _float_or_nan(fn: Any) -> float:

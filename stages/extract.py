@@ -2,14 +2,42 @@
 
 Clip i covers frames ``[16 i, 16 i + 16)`` (PROTOCOLS.md, 'Features and clips'). A trailing partial
 clip is padded by repeating the last frame (``extract.partial_clip=pad``) or dropped (``drop``).
-Per video it stores ``features`` ``[T, C, D]`` float32 and metadata: fps, frame count, each clip's
-real frame range ``[start, end)``, crop order, extractor and weights checksum, so that evaluation
-maps clip scores to frames without guessing.
+Per video it stores ``features`` ``[T, C, D]`` (float32, or float16 with ``extract.feature_dtype``)
+and metadata: fps, frame count, each clip's real frame range ``[start, end)``, crop order, extractor
+and weights checksum, so that evaluation maps clip scores to frames without guessing.
+
+The path a clip takes (:func:`iter_clip_features`):
+
+1. A background thread (:class:`pipeline.video.BackgroundIterator`, ``extract.prefetch_batches``
+   batches ahead) decodes the video in chunks of ``extract.chunk_frames`` frames, resamples it to
+   ``extract.target_fps`` if set, cuts clips and packs ``extract.batch_clips`` of them into one
+   uint8 ``[B, T, H, W, 3]`` array (pinned memory when the network is on CUDA). Decoding thus
+   overlaps the network, and memory stays bounded whatever the video's length.
+2. The consumer moves the uint8 batch to the extractor's device and there converts it to float32,
+   resizes, normalises and cuts the crops (:func:`extractors.transforms.preprocess_clips`, equal
+   to the per-clip CPU path value for value) into ``channels_last_3d`` layout, the layout that
+   per-clip path handed the network (so CPU features are bit-identical to it); on CUDA the conv
+   weights are put in that layout too (``extract.channels_last``).
+3. The network runs under autocast when ``extract.precision`` is bf16 / fp16. On CUDA the next
+   batch is launched before the previous batch's features are copied back.
+
+Frame-rate resampling (``extract.target_fps``): output frame j is source frame
+``floor(j * fps / target_fps)`` (:class:`pipeline.video.FrameRateResampler`); clips are cut from the
+resampled frames, but every range stored or yielded is in SOURCE frames, so evaluation (ground truth
+in source frames) is unchanged. With ``r = fps / target_fps`` a clip made of resampled frames
+``[a, b)`` covers source frames ``[floor(a r), e)`` with ``e = max(floor((b - 1) r) + 1,
+floor(b r))`` when resampled frame ``b`` exists and ``e =`` the source frame count otherwise: the
+clips tile the video without gaps (a downsampled clip also covers the source frames skipped
+between its frames), and when upsampling a source frame repeated across a clip boundary belongs
+to both clips' ranges. Without resampling this is ``[16 i, 16 i + 16)`` exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,9 +45,13 @@ import numpy as np
 import torch
 
 from pipeline.manifest import VideoRecord
-from pipeline.runner import Context, Stage, StageDir, resolve_device
+from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
 
 log = logging.getLogger(__name__)
+
+#: settings added after the first version of this stage whose defaults reproduce its features
+#: exactly; at these values they are left out of the cache key, so earlier feature caches stay valid
+_NEUTRAL_DEFAULTS = {"extract.target_fps": 0.0, "extract.precision": "fp32", "extract.feature_dtype": "float32"}
 
 
 class ExtractStage(Stage):
@@ -31,6 +63,9 @@ class ExtractStage(Stage):
         "extract.crops",
         "extract.crop_order",
         "extract.partial_clip",
+        "extract.target_fps",
+        "extract.precision",
+        "extract.feature_dtype",
         "data.folder_fps",
     )
     manifest_columns = ("id", "path")
@@ -46,7 +81,11 @@ class ExtractStage(Stage):
                 "extract.import_root": str(Path(cfg.extract.import_root).resolve()),
                 "extract.clip_len": cfg.extract.clip_len,
             }
-        return super().config_inputs(cfg)
+        out = super().config_inputs(cfg)
+        for name, neutral in _NEUTRAL_DEFAULTS.items():
+            if out.get(name) == neutral:
+                del out[name]
+        return out
 
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:
         if ctx.cfg.extract.import_format:
@@ -68,9 +107,12 @@ class ExtractStage(Stage):
             from extractors import EXTRACTORS
 
             cfg = ctx.cfg.extract
-            self.extractor = EXTRACTORS.get(
-                cfg.backbone, weights=cfg.weights or None, device=resolve_device(cfg.device)
-            )
+            device = resolve_device(cfg.device)
+            try:
+                _autocast(torch.device(device), cfg.precision)
+            except ValueError as exc:
+                raise StageError(str(exc)) from None
+            self.extractor = EXTRACTORS.get(cfg.backbone, weights=cfg.weights or None, device=device)
 
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.importer is not None:
@@ -85,6 +127,117 @@ def _settings(ctx_or_cfg: Any) -> Any:
     return getattr(ctx_or_cfg, "cfg", ctx_or_cfg)
 
 
+@dataclass
+class _ClipBatch:
+    """Clips packed by the decode thread: ``frames`` ``[B, T, H, W, 3]`` uint8 RGB (a padded clip
+    repeats its last real frame), ``ranges`` each clip's source frame range, ``first`` the index of
+    the first clip."""
+
+    first: int
+    frames: torch.Tensor
+    ranges: list[tuple[int, int]]
+
+
+@dataclass
+class _DecodeEnd:
+    """The decode thread's last item: source frames decoded, frames after resampling, clips made."""
+
+    n_frames: int
+    n_resampled: int
+    n_clips: int
+
+
+def _clip_batches(
+    src: Any,
+    clip_len: int,
+    batch_size: int,
+    chunk_frames: int,
+    partial_clip: str,
+    resampler: Any,
+    pin_memory: bool,
+    stats: dict[str, float] | None,
+) -> Iterator[_ClipBatch | _DecodeEnd]:
+    """Decode ``src`` chunk by chunk, resample, cut clips and pack them ``batch_size`` at a time.
+
+    Runs in the decode thread. Holds at most one decoded chunk plus the frames of one batch (views
+    into the chunks) besides the packed batch it yields. Adds its own busy time (decoding + packing,
+    not the time spent waiting for the consumer) to ``stats['decode_s']``.
+    """
+    from pipeline.video import VideoDecodeError
+
+    pending: list[np.ndarray] = []  # resampled frames not yet in a clip, views into decoded chunks
+    pending_src: list[int] = []  # their source frame indices
+    ready: list[tuple[list[np.ndarray], tuple[int, int]]] = []  # clips waiting to be packed
+    n_src = n_out = n_clips = 0
+    # downsampling: a clip's range ends where the next resampled frame starts, so wait for it
+    lookahead = 1 if resampler is not None and resampler.ratio > 1 else 0
+    busy = 0.0
+
+    def take(n: int, end: int) -> None:
+        ready.append((pending[:n], (pending_src[0], end)))
+        del pending[:n], pending_src[:n]
+
+    def pack() -> _ClipBatch:
+        nonlocal n_clips
+        h, w = ready[0][0][0].shape[:2]
+        frames = torch.empty((len(ready), clip_len, h, w, 3), dtype=torch.uint8, pin_memory=pin_memory)
+        arr = frames.numpy()
+        for i, (clip, _) in enumerate(ready):
+            for t, f in enumerate(clip):
+                arr[i, t] = f
+            arr[i, len(clip) :] = clip[-1]  # padding repeats the last real frame
+        out = _ClipBatch(n_clips, frames, [r for _, r in ready])
+        n_clips += len(ready)
+        ready.clear()
+        return out
+
+    t0 = time.perf_counter()
+    for start, frames in src.iter_chunks(chunk_frames):
+        if start != n_src:
+            raise VideoDecodeError(f"{src.path}: decoder skipped frames {n_src}..{start - 1}")
+        offsets = resampler.select(start, len(frames)) if resampler is not None else range(len(frames))
+        n_src += len(frames)
+        for o in offsets:
+            pending.append(frames[o])
+            pending_src.append(start + o)
+        n_out += len(offsets)
+        while len(pending) >= clip_len + lookahead:
+            end = pending_src[clip_len - 1] + 1
+            if lookahead:
+                end = max(end, pending_src[clip_len])
+            take(clip_len, end)
+            if len(ready) == batch_size:
+                batch = pack()
+                busy += time.perf_counter() - t0
+                yield batch
+                t0 = time.perf_counter()
+    if len(pending) >= clip_len:  # downsampling: the last full clip, no resampled frame after it
+        take(clip_len, n_src)
+    if pending and partial_clip == "pad":
+        take(len(pending), n_src)
+    if ready:
+        batch = pack()
+        busy += time.perf_counter() - t0
+        yield batch
+        t0 = time.perf_counter()
+    busy += time.perf_counter() - t0
+    if stats is not None:
+        stats["decode_s"] = stats.get("decode_s", 0.0) + busy
+    yield _DecodeEnd(n_src, n_out, n_clips)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for ``extract.precision`` on ``device``; fp32 is no autocast at all."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cuda" or (device.type == "cpu" and precision == "bf16"):
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    raise ValueError(
+        f"extract.precision={precision} is not supported on {device}: fp16 needs CUDA, bf16 needs CUDA or the CPU"
+    )
+
+
 def iter_clip_features(
     ctx_or_cfg: Any,
     extractor: Any,
@@ -92,96 +245,164 @@ def iter_clip_features(
     info: dict[str, Any] | None = None,
     batch_clips: int | None = None,
     chunk_frames: int | None = None,
+    stats: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
     """Decode ``path`` in chunks and yield each clip's features as soon as its batch is computed.
+
+    See the module docstring for the path a clip takes and for frame-rate resampling.
 
     Args:
         ctx_or_cfg: a :class:`Context` or a ``RunConfig``; reads ``extract.*`` and ``data.folder_fps``.
         extractor: a built ``ClipExtractor``.
         path: video file or frame folder.
-        info: if given, filled with ``fps``, ``height``, ``width`` and ``crops`` once the video is
-            open, and ``n_frames`` once it is fully decoded.
+        info: if given, filled with ``fps`` (the source's), ``height``, ``width``, ``crops``,
+            ``target_fps`` (``None`` without resampling) and ``clip_fps`` (the rate clips are cut
+            at) once the video is open, and ``n_frames`` (source frames) and ``n_frames_resampled``
+            once it is fully decoded.
         batch_clips, chunk_frames: override ``extract.batch_clips`` / ``extract.chunk_frames``
             (online scoring uses 1 and ``clip_len`` so that every clip comes out as soon as its
-            frames are decoded). Features do not depend on either.
+            frames are decoded). Features do not depend on either. With one clip per batch the
+            video is decoded in the calling thread, nothing ahead of the clip being computed.
+        stats: if given, timings are added to it (seconds): ``decode_s`` (the decode thread's busy
+            time: decoding, resampling, packing clips), ``wait_s`` (the consumer waiting for decoded
+            batches), ``preprocess_s`` (transfer, resize, crops, normalisation), ``network_s``
+            (forward pass and copying features back); and counts ``clips`` and ``batches``. On CUDA
+            the device is synchronised after each step so that the split is exact (and the next
+            batch is then not launched early).
     Yields:
-        ``(clip_index, (start, end), features)``: the clip's real frame range ``[start, end)`` (a
-        padded trailing clip ends at the last real frame) and ``features`` ``[C, D]`` float32, in
+        ``(clip_index, (start, end), features)``: the clip's real SOURCE frame range ``[start, end)``
+        (a padded trailing clip ends at the last real frame) and ``features`` ``[C, D]`` float32
+        (with ``extract.feature_dtype=float16``, values already rounded to float16, as stored), in
         clip order.
     Raises:
-        VideoDecodeError: unreadable video, skipped frames, or shorter than one clip.
-        ValueError: the extractor produced non-finite features.
+        VideoDecodeError: unreadable video, skipped frames, or shorter than one clip; raised in the
+            caller's thread whichever thread decoded.
+        ValueError: the extractor produced non-finite features (or ones float16 cannot hold), or a
+            precision the device does not support.
     """
-    from extractors.transforms import crop_names, resize_frames, spatial_crops
-    from pipeline.video import VideoDecodeError, open_video
+    from extractors.transforms import crop_names, preprocess_clips
+    from pipeline.video import BackgroundIterator, FrameRateResampler, VideoDecodeError, open_video
 
     run_cfg = _settings(ctx_or_cfg)
     cfg = run_cfg.extract
     clip_len = cfg.clip_len
     batch_size = batch_clips or cfg.batch_clips
+    device = torch.device(extractor.device)
+    autocast = _autocast(device, cfg.precision)  # refuse an unsupported precision before decoding
+    memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    if device.type == "cuda" and cfg.channels_last:
+        getattr(extractor, "set_memory_format", lambda fmt: None)(memory_format)
+    store_dtype = np.dtype(cfg.feature_dtype)
+
     src = open_video(path, folder_fps=run_cfg.data.folder_fps)
+    resampler = None
+    if cfg.target_fps > 0:
+        resampler = FrameRateResampler(src.fps, cfg.target_fps)
+        if resampler.ratio * clip_len < 1:
+            src.close()
+            raise ValueError(f"{path}: extract.target_fps={cfg.target_fps:g} is more than {clip_len} times the "
+                             f"video's {src.fps:g} fps: a clip would span less than one source frame")
     names = crop_names(cfg.crops, cfg.crop_order)
     if info is not None:
-        info.update(fps=src.fps, height=src.height, width=src.width, crops=names)
+        info.update(fps=src.fps, height=src.height, width=src.width, crops=names,
+                    target_fps=cfg.target_fps or None, clip_fps=cfg.target_fps or src.fps)
 
-    pending: list[np.ndarray] = []  # frames not yet in a full clip (< clip_len)
-    batch: list[torch.Tensor] = []  # preprocessed clips waiting for a forward pass
-    batch_ranges: list[tuple[int, int]] = []
-    n_clips = 0
-    n_frames = 0
+    producer = _clip_batches(src, clip_len, batch_size, chunk_frames or cfg.chunk_frames, cfg.partial_clip,
+                             resampler, device.type == "cuda", stats)
+    # one clip per batch is online scoring's latency mode: each clip comes out before any later frame
+    # is read, as a live source requires, so nothing is decoded ahead
+    threaded = cfg.prefetch_batches > 0 and batch_size > 1
+    batches: Any = (
+        BackgroundIterator(producer, depth=cfg.prefetch_batches, name=f"wsvad-decode:{Path(str(path)).name}")
+        if threaded else producer
+    )
+    timed = stats is not None
+    sync = torch.cuda.synchronize if timed and device.type == "cuda" else (lambda: None)
+    # on CUDA, launch batch k + 1 before copying batch k's features back (not in per-clip latency mode)
+    defer = device.type == "cuda" and batch_size > 1 and not timed
+    end: _DecodeEnd | None = None
 
-    def preprocess(frames: np.ndarray) -> torch.Tensor:
-        x = resize_frames(torch.from_numpy(frames), extractor.resize)  # [T, 3, h, w]
-        c = spatial_crops(x, extractor.crop_size, cfg.crops, cfg.crop_order)  # [C, T, 3, s, s]
-        return c.permute(0, 2, 1, 3, 4)  # [C, 3, T, s, s]
-
-    def flush() -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
-        if not batch:
-            return
-        x = torch.cat(batch)  # [B*C, 3, T, s, s]
-        x = extractor.normalize(x.to(extractor.device, non_blocking=True))
-        f = extractor.features(x).float().cpu().numpy().reshape(len(batch), len(names), -1)
+    def finish(batch: _ClipBatch, feats: torch.Tensor) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
+        t = time.perf_counter()
+        f = feats.float().cpu().numpy().reshape(len(batch.ranges), len(names), -1)
+        if timed:
+            stats["network_s"] = stats.get("network_s", 0.0) + time.perf_counter() - t
         if not np.isfinite(f).all():
             raise ValueError(f"{path}: the extractor produced non-finite features")
-        first = n_clips - len(batch)
-        done = list(zip(batch_ranges, f))
-        batch.clear()
-        batch_ranges.clear()
-        for j, (rng, feats) in enumerate(done):
-            yield first + j, rng, feats.astype(np.float32)
+        if store_dtype != np.float32:
+            with np.errstate(over="ignore"):
+                stored = f.astype(store_dtype)
+            if not np.isfinite(stored).all():
+                raise ValueError(f"{path}: features exceed the range of extract.feature_dtype={cfg.feature_dtype}")
+            f = stored.astype(np.float32)
+        for j, (rng, feats_j) in enumerate(zip(batch.ranges, f)):
+            yield batch.first + j, rng, np.ascontiguousarray(feats_j, dtype=np.float32)
 
-    def add(clip: np.ndarray, n_real: int) -> None:
-        nonlocal n_clips
-        s = n_clips * clip_len
-        batch_ranges.append((s, s + n_real))
-        batch.append(preprocess(clip))
-        n_clips += 1
-
-    for start, frames in src.iter_chunks(chunk_frames or cfg.chunk_frames):
-        if start != n_frames:
-            raise VideoDecodeError(f"{path}: decoder skipped frames {n_frames}..{start - 1}")
-        n_frames += len(frames)
-        pending.extend(frames)
-        while len(pending) >= clip_len:
-            clip = np.stack(pending[:clip_len])
-            del pending[:clip_len]
-            add(clip, clip_len)
-            if len(batch) >= batch_size:
-                yield from flush()
-    if pending and cfg.partial_clip == "pad":
-        add(np.stack(pending + [pending[-1]] * (clip_len - len(pending))), len(pending))
-    yield from flush()
+    in_flight: tuple[_ClipBatch, torch.Tensor] | None = None
+    try:
+        with torch.inference_mode():
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(batches)
+                except StopIteration:
+                    break
+                if timed:
+                    stats["wait_s"] = stats.get("wait_s", 0.0) + time.perf_counter() - t
+                if isinstance(item, _DecodeEnd):
+                    end = item
+                    continue
+                t = time.perf_counter()
+                x = item.frames.to(device, non_blocking=True)
+                x = preprocess_clips(
+                    x, extractor.resize, extractor.crop_size, cfg.crops, cfg.crop_order,
+                    normalize=extractor.normalize,
+                    normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
+                    memory_format=memory_format,
+                )  # [B*C, 3, T, s, s] on the device
+                sync()
+                t2 = time.perf_counter()
+                with autocast:
+                    feats = extractor.features(x)
+                sync()
+                if timed:
+                    stats["preprocess_s"] = stats.get("preprocess_s", 0.0) + t2 - t
+                    stats["network_s"] = stats.get("network_s", 0.0) + time.perf_counter() - t2
+                    stats["clips"] = stats.get("clips", 0) + len(item.ranges)
+                    stats["batches"] = stats.get("batches", 0) + 1
+                del x
+                if defer:
+                    if in_flight is not None:
+                        yield from finish(*in_flight)
+                    in_flight = (item, feats)
+                else:
+                    yield from finish(item, feats)
+            if in_flight is not None:
+                yield from finish(*in_flight)
+                in_flight = None
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        src.close()
+    if end is None:  # cannot happen: the producer always ends with _DecodeEnd or raises
+        raise VideoDecodeError(f"{path}: decoding ended without a frame count")
     if info is not None:
-        info["n_frames"] = n_frames
-    if not n_clips:
+        info["n_frames"] = end.n_frames
+        info["n_frames_resampled"] = end.n_resampled
+    if not end.n_clips:
+        rate = f" ({end.n_resampled} after resampling to {cfg.target_fps:g} fps)" if resampler is not None else ""
         raise VideoDecodeError(
-            f"{path}: {n_frames} frames is shorter than one {clip_len}-frame clip "
+            f"{path}: {end.n_frames} frames{rate} is shorter than one {clip_len}-frame clip "
             f"(extract.partial_clip={cfg.partial_clip})"
         )
 
 
-def extract_video(ctx: Context, extractor: Any, path: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """Features of one video: ``[T, C, D]`` float32 and its metadata (see module docstring)."""
+def extract_video(ctx: Any, extractor: Any, path: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features of one video, ``[T, C, D]`` in ``extract.feature_dtype`` (float32 by default), and its
+    metadata (see the module docstring). ``n_frames``, ``fps`` and ``clip_ranges`` are the source
+    video's even when ``extract.target_fps`` resamples it; ``target_fps`` / ``n_frames_resampled``
+    record the resampling (``None`` / equal to ``n_frames`` without)."""
     cfg = _settings(ctx).extract
     info: dict[str, Any] = {}
     outputs: list[np.ndarray] = []
@@ -189,7 +410,7 @@ def extract_video(ctx: Context, extractor: Any, path: Any) -> tuple[np.ndarray, 
     for _, (a, b), f in iter_clip_features(ctx, extractor, path, info=info):
         outputs.append(f)
         ranges.append([a, b])
-    feats = np.stack(outputs).astype(np.float32)
+    feats = np.stack(outputs).astype(cfg.feature_dtype)
     meta = {
         "n_frames": info["n_frames"],
         "fps": info["fps"],
@@ -197,10 +418,16 @@ def extract_video(ctx: Context, extractor: Any, path: Any) -> tuple[np.ndarray, 
         "width": info["width"],
         "clip_len": cfg.clip_len,
         "clip_ranges": ranges,
+        "target_fps": info["target_fps"],
+        "clip_fps": info["clip_fps"],
+        "n_frames_resampled": info["n_frames_resampled"],
+        "frame_selection": "floor(j * fps / target_fps)" if info["target_fps"] else "all frames",
         "crops": info["crops"],
         "crop_setting": cfg.crops,
         "extractor": extractor.registry_name,
         "weights_sha256": extractor.weights_checksum,
         "feature_dim": int(feats.shape[-1]),
+        "feature_dtype": str(feats.dtype),
+        "precision": cfg.precision,
     }
     return feats, meta
