@@ -202,6 +202,10 @@ class Detector(nn.Module):
         Config: the detector's config dataclass (a :class:`TrainConfig` subclass).
         input_level: ``"segments"`` if it scores the fixed-length segment bags at test time (Sultani),
             ``"clips"`` if it scores every clip.
+        train_level: what it trains on: ``"segments"`` (a :class:`FeatureBank` of 32-segment bags,
+            from the segment stage) or ``"clips"`` (a :class:`ClipBank` of every clip, from the
+            extract stage). None (the default) means the same as ``input_level``; RTFM trains on
+            segments but scores clips.
         causal: True if it can score a video online, one clip at a time as the clip's frames are
             decoded (``pipeline score --online``): each unit's score depends only on that unit's
             feature (and, at most, earlier ones), never on later clips or on the whole video (as
@@ -213,6 +217,7 @@ class Detector(nn.Module):
 
     Config: ClassVar[type[TrainConfig]] = TrainConfig
     input_level: ClassVar[str] = "segments"
+    train_level: ClassVar[str | None] = None
     #: bump when a change to the detector's code changes what training produces: it enters the
     #: train stage's cache key, so old trained models are not reused for new code
     version: ClassVar[int] = 1
@@ -223,6 +228,11 @@ class Detector(nn.Module):
         super().__init__()
         self.feature_dim = feature_dim
         self.cfg = cfg
+
+    @classmethod
+    def training_level(cls) -> str:
+        """``train_level``, or ``input_level`` when it is None."""
+        return cls.train_level or cls.input_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly scores. ``x``: ``[B, S, D]`` float32 -> ``[B, S]`` float32 in [0, 1]."""

@@ -357,6 +357,7 @@ class RTFM(Detector):
 
     Config = RTFMConfig
     input_level = "clips"
+    train_level = "segments"
     causal = False
 
     def __init__(self, feature_dim: int, cfg: RTFMConfig | None = None) -> None:

@@ -1,6 +1,6 @@
 """Train stage: fit the chosen detector on cached features, resumably.
 
-Segment-level detectors (``input_level == "segments"``) train on the segment stage's bags, all loaded
+Segment-level detectors (``training_level() == "segments"``) train on the segment stage's bags, all loaded
 once into one ``[N, C, S, D]`` tensor; clip-level ones (AR-Net, CLAWS) on the extract stage's clips,
 concatenated into one ``[sum T, C, D]`` :class:`~models.base.ClipBank`. Either is memory-mapped from
 a file when larger than ``train.mmap_over_gb``; there are no per-step file reads. Every
@@ -115,7 +115,7 @@ class TrainStage(Stage):
 
     def upstream_for(self, cfg: Any) -> tuple[str, ...]:
         """Segment-level detectors train on the segment stage's bags, clip-level ones on extract's clips."""
-        level = DETECTORS.get_class(cfg.train.method).input_level
+        level = DETECTORS.get_class(cfg.train.method).training_level()
         return ("segment",) if level == "segments" else ("extract",)
 
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:

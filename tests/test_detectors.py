@@ -5,19 +5,40 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import DETECTORS, FeatureBank
+from models import DETECTORS, ClipBank, FeatureBank
 from models.sultani_mil import mil_ranking_loss
 
 D, S = 24, 32
+#: clip counts of the four videos of a clip-level bank: variable, as real videos are
+CLIP_LENGTHS = (32, 40, 24, 36)
 
 
-def planted_bank(n_videos: int = 4, seed: int = 0) -> FeatureBank:
-    """Half anomalous bags whose segments 10-13 carry a planted direction; the rest noise."""
+def planted_bank(n_videos: int = 4, seed: int = 0, level: str = "segments") -> FeatureBank | ClipBank:
+    """Half anomalous videos whose units 10-13 carry a planted direction; the rest noise.
+
+    ``level="segments"``: a FeatureBank of ``[n, 1, 32, D]`` bags; ``"clips"``: a ClipBank whose
+    videos have ``CLIP_LENGTHS`` clips (one crop).
+    """
     g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(n_videos, 1, S, D, generator=g) * 0.1
     labels = torch.tensor([1, 0] * (n_videos // 2))
-    feats[labels == 1, :, 10:14, 0] += 2.0
-    return FeatureBank(feats, labels, [f"v{i}" for i in range(n_videos)])
+    ids = [f"v{i}" for i in range(n_videos)]
+    if level == "segments":
+        feats = torch.randn(n_videos, 1, S, D, generator=g) * 0.1
+        feats[labels == 1, :, 10:14, 0] += 2.0
+        return FeatureBank(feats, labels, ids)
+    lengths = [CLIP_LENGTHS[i % len(CLIP_LENGTHS)] for i in range(n_videos)]
+    videos = []
+    for i, t in enumerate(lengths):
+        x = torch.randn(t, 1, D, generator=g) * 0.1
+        if labels[i] == 1:
+            x[10:14, :, 0] += 2.0
+        videos.append(x)
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    return ClipBank(torch.cat(videos), offsets, labels, ids)
+
+
+def bank_for(name: str) -> FeatureBank | ClipBank:
+    return planted_bank(level=DETECTORS.get_class(name).training_level())
 
 
 def small_config(name: str, **over):
@@ -32,8 +53,11 @@ def small_config(name: str, **over):
 def test_shapes_loss_and_gradients(name):
     torch.manual_seed(0)
     model = DETECTORS.get(name, feature_dim=D, cfg=small_config(name))
-    bank = planted_bank()
-    batch = model.sample_batch(bank, torch.Generator().manual_seed(0))
+    bank = bank_for(name)
+    gen = torch.Generator().manual_seed(0)
+    model.setup(bank, gen)
+    model.before_step(bank, 0, gen)
+    batch = model.sample_batch(bank, gen)
     scores = model(batch.abnormal)
     assert scores.shape == batch.abnormal.shape[:2]
     assert ((scores >= 0) & (scores <= 1)).all()
@@ -43,7 +67,9 @@ def test_shapes_loss_and_gradients(name):
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
-    assert model.score(bank.features[0]).shape == (S,)
+    for i in range(len(bank.ids)):  # test-time scoring: one score per segment, or per clip
+        bags = bank.bags(i)
+        assert model.score(bags).shape == (bags.shape[1] if model.input_level == "clips" else S,)
 
 
 @pytest.mark.parametrize("name", DETECTORS.list())
@@ -51,22 +77,25 @@ def test_overfits_four_videos(name):
     torch.manual_seed(0)
     cfg = small_config(name, dropout=0.0) if hasattr(DETECTORS.get_class(name).Config(), "dropout") else small_config(name)
     model = DETECTORS.get(name, feature_dim=D, cfg=cfg)
-    bank = planted_bank()
+    bank = bank_for(name)
     opt = model.make_optimizer()
     gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    model.setup(bank, gen)
+    for step in range(300):
+        model.before_step(bank, step, gen)
         terms = model.losses(model.sample_batch(bank, gen))
         opt.zero_grad()
         terms["total"].backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        s = model(bank.features[:, 0])
-    top_abn = s[bank.labels == 1].max(dim=1).values
-    top_norm = s[bank.labels == 0].max(dim=1).values
-    assert top_abn.min() > top_norm.max() + 0.5  # ranked apart with a margin
-    # and for the right reason: each anomalous bag's top segment is a planted one
-    top = s[bank.labels == 1].argmax(dim=1)
+        s = [model(bank.bags(i)[:1])[0] for i in range(len(bank.ids))]  # [T_i] per video
+    abn = [x for x, y in zip(s, bank.labels) if y == 1]
+    top_abn = min(float(x.max()) for x in abn)
+    top_norm = max(float(x.max()) for x, y in zip(s, bank.labels) if y == 0)
+    assert top_abn > top_norm + 0.5  # ranked apart with a margin
+    # and for the right reason: each anomalous video's top unit is a planted one
+    top = torch.tensor([int(x.argmax()) for x in abn])
     assert ((top >= 10) & (top < 14)).all(), top
 
 

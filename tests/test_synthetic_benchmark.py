@@ -1,0 +1,129 @@
+"""Synthetic MIL benchmark with planted anomalous snippets, generated from the detector registry.
+
+Every registered detector is trained on the same made-up dataset and must reach a frame-level ROC
+AUC above 0.9 on its held-out test videos (issue 4's check). The data imitates the weak-label
+setting rather than making it trivial:
+
+- each video has its own scene (a random mean feature), per-clip noise and a random length
+  (40-160 clips), so a detector cannot rely on fixed positions or a fixed bag size;
+- an anomalous video carries one anomalous event: a run of 10-25 % of its clips shifted along a
+  hidden "anomaly" direction; its other clips are normal;
+- half of all videos, normal ones included, also carry a normal "distractor" event of the same
+  size along another direction, so "something happens" is not the anomaly;
+- labels are video-level for training, clip-level (each clip = 16 frames) for the test AUC.
+
+Segment-level detectors train on 32-segment bags pooled with the pipeline's own ``segment_bins`` /
+``pool_segments`` (scheme ``rtfm``: bin means) and their segment scores are mapped back to frames
+through the segments' clip ranges, as the evaluate stage does; clip-level detectors score clips.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from models import DETECTORS, ClipBank, FeatureBank
+from stages.evaluate import frames_from_units
+from stages.segment import pool_segments, segment_bins
+
+D = 32
+CLIP = 16
+#: a short schedule: the detectors' published schedules (thousands of steps) are for real data
+ITERATIONS = 400
+#: settings changed for the short schedule, with why. RTFM's code drops 70 % of the feature
+#: magnitudes at random before its top-k selection (``magnitude_dropout``, PROTOCOLS.md): a
+#: regulariser for its 15,000 steps that, in 400 steps, mostly picks normal segments as the "top-k"
+#: of anomalous videos (measured here: frame AUC 0.72 with it, 0.94 without, at 400 steps).
+SHORT_SCHEDULE: dict[str, dict[str, object]] = {"rtfm": {"magnitude_dropout": 0.0}}
+
+
+def synthetic_videos(n_abnormal: int, n_normal: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """``(features [T, 1, D] float32, clip_labels [T] uint8, video_label)`` per video (module docstring)."""
+    rng = np.random.default_rng(seed)
+    dirs = np.linalg.qr(np.random.default_rng(1234).normal(size=(D, 2)))[0].T  # fixed, orthonormal
+    anomaly, distractor = dirs[0] * 2.0, dirs[1] * 2.0
+    videos = []
+    for label in [1] * n_abnormal + [0] * n_normal:
+        t = int(rng.integers(40, 161))
+        x = rng.normal(0, 0.5, D) + rng.normal(0, 0.5, (t, D))
+        y = np.zeros(t, np.uint8)
+
+        def event(direction: np.ndarray) -> tuple[int, int]:
+            n = int(rng.integers(max(2, t // 10), t // 4 + 1))
+            s = int(rng.integers(0, t - n + 1))
+            x[s : s + n] += direction
+            return s, s + n
+
+        if rng.random() < 0.5:
+            event(distractor)
+        if label:
+            s, e = event(anomaly)
+            y[s:e] = 1
+        videos.append((x[:, None, :].astype(np.float32), y, label))
+    return videos
+
+
+def training_bank(videos: list, level: str) -> FeatureBank | ClipBank:
+    labels = torch.tensor([v[2] for v in videos])
+    ids = [f"v{i}" for i in range(len(videos))]
+    if level == "segments":
+        bags = [pool_segments(f, segment_bins(len(f), 32, "rtfm"), l2=False) for f, _, _ in videos]
+        return FeatureBank(torch.from_numpy(np.stack(bags)), labels, ids)
+    feats = np.concatenate([f for f, _, _ in videos])
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f, _, _ in videos])])
+    return ClipBank(torch.from_numpy(feats), torch.from_numpy(offsets), labels, ids)
+
+
+def frame_scores(model: torch.nn.Module, feats: np.ndarray) -> np.ndarray:
+    """Per-frame scores of one test video of ``T`` clips (``T * 16`` frames)."""
+    t = len(feats)
+    clip_frames = [(CLIP * i, CLIP * i + CLIP) for i in range(t)]
+    if model.input_level == "segments":
+        bins = segment_bins(t, 32, "rtfm")
+        units = model.score(torch.from_numpy(pool_segments(feats, bins, l2=False))).numpy()
+        unit_frames = [(clip_frames[a][0], clip_frames[b - 1][1]) for a, b in bins]
+    else:
+        units = model.score(torch.from_numpy(feats).permute(1, 0, 2).contiguous()).numpy()
+        unit_frames = clip_frames
+    scores, covered = frames_from_units(units, unit_frames, t * CLIP)
+    assert covered.all()
+    return scores
+
+
+def train(name: str, bank: FeatureBank | ClipBank, seed: int = 0) -> torch.nn.Module:
+    cfg = DETECTORS.get_class(name).Config()
+    cfg.iterations = ITERATIONS
+    for k, v in SHORT_SCHEDULE.get(name, {}).items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = DETECTORS.get(name, feature_dim=D, cfg=cfg)
+    opt = model.make_optimizer()
+    model.setup(bank, gen)
+    model.train()
+    for step in range(cfg.iterations):
+        model.before_step(bank, step, gen)
+        terms = model.losses(model.sample_batch(bank, gen))
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", DETECTORS.list())
+def test_planted_snippets_frame_auc_above_0_9(name):
+    level = DETECTORS.get_class(name).training_level()
+    train_videos = synthetic_videos(24, 24, seed=1)
+    test_videos = synthetic_videos(10, 10, seed=2)
+    t0 = time.time()
+    model = train(name, training_bank(train_videos, level))
+    seconds = time.time() - t0
+    scores = np.concatenate([frame_scores(model, f) for f, _, _ in test_videos])
+    truth = np.concatenate([np.repeat(y, CLIP) for _, y, _ in test_videos])
+    auc = roc_auc_score(truth, scores)
+    print(f"{name}: frame AUC {auc:.4f} after {ITERATIONS} steps in {seconds:.1f} s")
+    assert auc > 0.9, f"{name}: frame AUC {auc:.4f}"
