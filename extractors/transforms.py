@@ -20,9 +20,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-#: input elements (float32) resized per interpolate call by :func:`preprocess_clips`: 2**26 = 256 MiB,
-#: so that 1080p batches do not need gigabytes at once (320x240 batches of 8 clips fit in one call)
-RESIZE_MAX_ELEMENTS = 2**26
+#: default input values per piece of :func:`preprocess_clips` (2**22: one 16-frame 320x240 clip, so
+#: the CPU holds one clip's float intermediates at a time, as the per-clip path did; the extract stage
+#: passes :data:`RESIZE_MAX_ELEMENTS_CUDA` on a GPU, where fewer, larger kernels are faster)
+RESIZE_MAX_ELEMENTS = 2**22
+#: 2**28 float32 values = 1 GiB: a batch of eight 16-frame 1080p clips in about two pieces
+RESIZE_MAX_ELEMENTS_CUDA = 2**28
 
 _CORNERS = ("tl", "tr", "bl", "br")
 
@@ -117,11 +120,15 @@ def preprocess_clips(
 
     The values equal the per-clip path (:func:`resize_frames`, :func:`spatial_crops`, then
     ``normalize`` on the network input): frames become float32 before the resize, the resize is the
-    same call on the same frames (in pieces of at most ``max_elements`` input values), crops are the
-    same boxes, and a flipped crop is the same box of the flipped frame. ``normalize`` is applied
-    once per resized frame, before cropping, which gives identical values when it is pointwise
-    (each output value depends only on its own pixel's channel values: every per-channel scale /
-    mean / std / channel reordering); set ``normalize_after_crop`` for one that is not.
+    same call on the same frames, crops are the same boxes, and a flipped crop is the same box of
+    the flipped frame. ``normalize`` is applied once per resized frame, before cropping, which gives
+    identical values when it is pointwise (each output value depends only on its own pixel's channel
+    values: every per-channel scale / mean / std / channel reordering); set ``normalize_after_crop``
+    for one that is not.
+
+    Memory: clips are processed in pieces of whole clips holding at most ``max_elements`` input
+    values (at least one clip), each piece's float frames resized, normalised and copied into the
+    output before the next piece starts, so besides the output only one piece's intermediates exist.
 
     Args:
         clips: ``[B, T, H, W, 3]`` uint8 RGB.
@@ -132,6 +139,7 @@ def preprocess_clips(
         normalize: the extractor's ``normalize``, taking and returning ``[N, 3, T, h, w]``;
             ``None`` leaves values in [0, 255].
         memory_format: layout of the returned tensor (``torch.channels_last_3d`` for cuDNN).
+        max_elements: input values (``T * H * W * 3`` per clip) per piece.
     Returns:
         ``[B * C, 3, T, s, s]`` float32 (``[B, 3, T, h, w]`` for ``"none"``), clip-major: row
         ``b * C + c`` is clip ``b``'s crop ``c`` in ``crop_names(crops, order)`` order. Values in
@@ -140,37 +148,42 @@ def preprocess_clips(
     if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
         raise ValueError(f"expected uint8 clips [B, T, H, W, 3], got {clips.dtype} {tuple(clips.shape)}")
     b, t, h, w, _ = clips.shape
-    frames = clips.reshape(b * t, h, w, 3)
     oh, ow = resized_size(h, w, resize)
-    step = max(1, max_elements // (3 * h * w))
-    if step >= b * t:
-        x = resize_frames(frames, resize)  # [B*T, 3, oh, ow]
-    else:
-        x = torch.empty((b * t, 3, oh, ow), dtype=torch.float32, device=clips.device)
-        for i in range(0, b * t, step):
-            x[i : i + step] = resize_frames(frames[i : i + step], resize)
-    x = x.view(b, t, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [B, 3, T, oh, ow], a view
-    if normalize is not None and not normalize_after_crop:
-        x = normalize(x)
+    pre = normalize if normalize is not None and not normalize_after_crop else None
     if crops == "none":
-        out = x.contiguous(memory_format=memory_format)
-        return normalize(out) if normalize is not None and normalize_after_crop else out
-    if oh < crop_size or ow < crop_size:
-        raise ValueError(f"frames of {oh}x{ow} are smaller than the {crop_size}x{crop_size} crop")
-    names = crop_names(crops, order)
-    boxes = _crop_boxes(oh, ow, crop_size)
-    flipped = x.flip(-1) if any(n.endswith("_flip") for n in names) else None  # one copy of the frames
-    s = crop_size
-    out = torch.empty((b * len(names), 3, t, s, s), dtype=x.dtype, device=x.device, memory_format=memory_format)
-    view = out.view(b, len(names), 3, t, s, s)
-    for c, name in enumerate(names):
-        if name.endswith("_flip"):
-            y0, x0 = boxes[name[:-5]]
-            # crop (y0, x0) of the image, mirrored == crop (y0, W - x0 - s) of the mirrored image
-            view[:, c].copy_(flipped[..., y0 : y0 + s, ow - x0 - s : ow - x0])
-        else:
-            y0, x0 = boxes[name]
-            view[:, c].copy_(x[..., y0 : y0 + s, x0 : x0 + s])
+        names, s = ["full"], 0
+        out = torch.empty((b, 3, t, oh, ow), dtype=torch.float32, device=clips.device, memory_format=memory_format)
+        view = out.view(b, 1, 3, t, oh, ow)
+    else:
+        if oh < crop_size or ow < crop_size:
+            raise ValueError(f"frames of {oh}x{ow} are smaller than the {crop_size}x{crop_size} crop")
+        names, s = crop_names(crops, order), crop_size
+        out = torch.empty((b * len(names), 3, t, s, s), dtype=torch.float32, device=clips.device,
+                          memory_format=memory_format)
+        view = out.view(b, len(names), 3, t, s, s)
+    boxes = _crop_boxes(oh, ow, s) if s else {}
+    any_flip = any(n.endswith("_flip") for n in names)
+    per_piece = max(1, max_elements // (t * h * w * 3))
+    for b0 in range(0, b, per_piece):
+        piece = clips[b0 : b0 + per_piece]
+        p = piece.shape[0]
+        x = resize_frames(piece.reshape(p * t, h, w, 3), resize)  # [p*T, 3, oh, ow] float32
+        x = x.view(p, t, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [p, 3, T, oh, ow], a view
+        if pre is not None:
+            x = pre(x)
+        if not s:
+            view[b0 : b0 + p, 0].copy_(x)
+            continue
+        flipped = x.flip(-1) if any_flip else None  # one copy of the piece's frames
+        for c, name in enumerate(names):
+            if name.endswith("_flip"):
+                y0, x0 = boxes[name[:-5]]
+                # crop (y0, x0) of the image, mirrored == crop (y0, W - x0 - s) of the mirrored image
+                view[b0 : b0 + p, c].copy_(flipped[..., y0 : y0 + s, ow - x0 - s : ow - x0])
+            else:
+                y0, x0 = boxes[name]
+                view[b0 : b0 + p, c].copy_(x[..., y0 : y0 + s, x0 : x0 + s])
+        del x, flipped
     if normalize is not None and normalize_after_crop:
         out = normalize(out)
     return out

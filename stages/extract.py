@@ -280,7 +280,7 @@ def iter_clip_features(
         ValueError: the extractor produced non-finite features (or ones float16 cannot hold), or a
             precision the device does not support.
     """
-    from extractors.transforms import crop_names, preprocess_clips
+    from extractors.transforms import RESIZE_MAX_ELEMENTS, RESIZE_MAX_ELEMENTS_CUDA, crop_names, preprocess_clips
     from pipeline.video import BackgroundIterator, FrameRateResampler, VideoDecodeError, open_video
 
     run_cfg = _settings(ctx_or_cfg)
@@ -293,6 +293,7 @@ def iter_clip_features(
     if device.type == "cuda" and cfg.channels_last:
         getattr(extractor, "set_memory_format", lambda fmt: None)(memory_format)
     store_dtype = np.dtype(cfg.feature_dtype)
+    max_elements = RESIZE_MAX_ELEMENTS_CUDA if device.type == "cuda" else RESIZE_MAX_ELEMENTS
 
     src = open_video(path, folder_fps=run_cfg.data.folder_fps)
     resampler = None
@@ -358,7 +359,7 @@ def iter_clip_features(
                     x, extractor.resize, extractor.crop_size, cfg.crops, cfg.crop_order,
                     normalize=extractor.normalize,
                     normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
-                    memory_format=memory_format,
+                    memory_format=memory_format, max_elements=max_elements,
                 )  # [B*C, 3, T, s, s] on the device
                 sync()
                 t2 = time.perf_counter()
