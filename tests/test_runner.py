@@ -189,6 +189,31 @@ def test_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
     assert len(log_rows) == 1 + 60
 
 
+def test_memory_mapped_bank_trains_the_same_weights(dataset, tmp_path, monkeypatch):
+    """A bank over ``train.mmap_over_gb`` is read from a memory-mapped file: same training, no copy."""
+    from stages import train as train_stage
+
+    ref = by_stage(make_runner(dataset, tmp_path / "ram").run(["train"]))["train"]
+    mapped_shapes = []
+    orig = train_stage._bank_storage
+
+    def spy(shape, limit_gb, folder):
+        arr = orig(shape, limit_gb, folder)
+        if isinstance(arr, np.memmap):
+            mapped_shapes.append(shape)
+        return arr
+
+    monkeypatch.setattr(train_stage, "_bank_storage", spy)
+    # train.* settings enter the train key, but mmap_over_gb is key=False: a different run dir keeps it apart
+    mapped = by_stage(make_runner(dataset, tmp_path / "map", ["train.mmap_over_gb=0"]).run(["train"]))["train"]
+    assert mapped_shapes == [(8, 1, 32, 7)]  # 8 training videos, 1 crop, 32 segments, test_motion's 7-D
+    assert mapped.path.name == ref.path.name  # the setting does not change the cache key
+    assert not (mapped.path / "bank.npy").exists()  # removed once training is done
+    a = torch.load(ref.path / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(mapped.path / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_validation_selection_never_uses_test_videos(dataset, tmp_path):
     r = by_stage(make_runner(dataset, tmp_path, ["train.selection=val", "train.val_every=20", "train.val_fraction=0.25"]).run(["train"]))["train"]
     assert r.summary["val_videos"] == 2 and r.summary["train_videos"] == 6
