@@ -378,3 +378,21 @@ def test_real_i3d_bit_identical_to_the_old_path(tmp_path: Path) -> None:
     ref, ranges = old_reference(cfg, ex, path)
     assert feats.shape == (2, 1, 1024) and np.array_equal(feats, ref)
     assert [tuple(r) for r in meta["clip_ranges"]] == ranges == [(0, 16), (16, 20)]
+
+
+def test_resampled_run_evaluates_on_source_frames(tmp_path: Path) -> None:
+    """A whole run with extract.target_fps: evaluation maps the clips back onto the source frames."""
+    import json
+
+    from test_runner import make_dataset, make_runner
+
+    manifest = make_dataset(tmp_path / "data")
+    reports = {r.stage: r for r in make_runner(manifest, tmp_path / "run", ["extract.target_fps=24"]).run(["evaluate"])}
+    assert reports["evaluate"].state == "computed"
+    ext = reports["extract"].path / "items"
+    meta = json.loads((ext / "test1.json").read_text())  # 56 frames at 30 fps -> 45 at 24 fps
+    assert meta["n_frames"] == 56 and meta["n_frames_resampled"] == 45 and meta["target_fps"] == 24.0
+    assert len(meta["clip_ranges"]) == 3
+    check_tiling(meta["clip_ranges"], 56)
+    metrics = json.loads((reports["evaluate"].path / "metrics.json").read_text())
+    assert metrics["auc"] > 0.9
