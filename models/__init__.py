@@ -4,6 +4,7 @@ Registered names (``pipeline list`` prints them):
 
 - ``sultani_mil``: MIL ranking (Sultani, Chen & Shah, CVPR 2018).
 - ``rtfm``: Robust Temporal Feature Magnitude learning (Tian et al., ICCV 2021).
+- ``claws``: CLAWS Net, random batches + normalcy suppression + clustering distance loss (Zaheer et al., ECCV 2020).
 - ``ar_net``: Anomaly Regression Net, dynamic MIL + center loss on every clip (Wan et al., ICME 2020).
 """
 
@@ -31,6 +32,7 @@ def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
 
 from . import sultani_mil  # noqa: E402,F401
 from . import rtfm  # noqa: E402,F401
+from . import claws  # noqa: E402,F401
 from . import arnet  # noqa: E402,F401
 
 __all__ = [
