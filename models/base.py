@@ -7,6 +7,7 @@ the rest (sampling RNG, checkpoints, resume, logging).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -183,8 +184,13 @@ class MILBatch:
     normal_lengths: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "MILBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MILBatch(move(self.abnormal), move(self.normal), move(self.abnormal_lengths), move(self.normal_lengths))
+        """The same batch (same class: detectors subclass it with extra fields) with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def _draw(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -222,6 +228,10 @@ class Detector(nn.Module):
     #: train stage's cache key, so old trained models are not reused for new code
     version: ClassVar[int] = 1
     causal: ClassVar[bool] = False
+    #: settings for short runs on small data (the registry tests' 300-400 steps on a few dozen
+    #: synthetic videos), applied over ``Config``'s defaults there. The published defaults are tuned
+    #: for thousands of steps on datasets like UCF-Crime; each detector says why its entries differ.
+    short_schedule: ClassVar[dict[str, object]] = {}
     registry_name: ClassVar[str]
 
     def __init__(self, feature_dim: int, cfg: TrainConfig) -> None:

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -359,6 +361,11 @@ class RTFM(Detector):
     input_level = "clips"
     train_level = "segments"
     causal = False
+    #: the code's dropout of 70 % of the feature magnitudes before top-k (``magnitude_dropout``) is a
+    #: regulariser for 15,000 steps; in a few hundred it mostly selects normal segments as the
+    #: "top-k" of anomalous videos (measured on the synthetic benchmark at 400 steps: frame AUC 0.72
+    #: with it, 0.94 without)
+    short_schedule: ClassVar[dict[str, object]] = {"magnitude_dropout": 0.0}
 
     def __init__(self, feature_dim: int, cfg: RTFMConfig | None = None) -> None:
         cfg = cfg or RTFMConfig()

@@ -75,7 +75,11 @@ def test_shapes_loss_and_gradients(name):
 @pytest.mark.parametrize("name", DETECTORS.list())
 def test_overfits_four_videos(name):
     torch.manual_seed(0)
-    cfg = small_config(name, dropout=0.0) if hasattr(DETECTORS.get_class(name).Config(), "dropout") else small_config(name)
+    cls = DETECTORS.get_class(name)
+    over = dict(cls.short_schedule)  # settings for a few hundred steps; each detector documents why
+    if hasattr(cls.Config(), "dropout"):
+        over["dropout"] = 0.0
+    cfg = small_config(name, **over)
     model = DETECTORS.get(name, feature_dim=D, cfg=cfg)
     bank = bank_for(name)
     opt = model.make_optimizer()
