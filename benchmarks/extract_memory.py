@@ -106,7 +106,6 @@ def child(video: Path, crops: str, prefetch: int, geometry: str) -> None:
 
     if geometry == "native":  # frames are 320x240 already: no resize, a 224 crop
         MeanExtractor.resize = ("short", HEIGHT)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = build_config(sets=[f"extract.crops={crops}", f"extract.prefetch_batches={prefetch}", "extract.device=cpu"])
     ex = MeanExtractor(device="cpu")
     samples: list[tuple[float, float]] = []
