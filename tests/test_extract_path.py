@@ -396,3 +396,16 @@ def test_resampled_run_evaluates_on_source_frames(tmp_path: Path) -> None:
     check_tiling(meta["clip_ranges"], 56)
     metrics = json.loads((reports["evaluate"].path / "metrics.json").read_text())
     assert metrics["auc"] > 0.9
+
+
+@pytest.mark.xfail(reason="stages/segment.py pool_segments averages and L2-normalises float16 features in float16: "
+                          "the norm of large 4096-D features overflows (segments become 0); it should cast to float32 first",
+                   strict=False)
+def test_float16_features_pool_like_float32() -> None:
+    from stages.segment import pool_segments
+
+    f = (np.random.default_rng(0).random((64, 2, 4096)) * 12).astype(np.float32)  # C3D fc6-like magnitudes
+    bins = [(2 * i, 2 * i + 2) for i in range(32)]
+    with np.errstate(over="ignore"):
+        half = pool_segments(f.astype(np.float16), bins, l2=True)
+    np.testing.assert_allclose(half, pool_segments(f.astype(np.float16).astype(np.float32), bins, l2=True), atol=1e-3)
