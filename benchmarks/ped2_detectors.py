@@ -120,13 +120,11 @@ def make_bank(name: str, videos: list[tuple[np.ndarray, int]]):
         scheme = segment_scheme(name)
         bags = [pool_segments(f, segment_bins(len(f), 32, scheme), l2=scheme == "sultani") for f, _ in videos]
         return FeatureBank(torch.from_numpy(np.stack(bags)), labels, ids)
-    feats = np.concatenate([f for f, _ in videos]).astype(np.float32)
-    offsets = np.concatenate([[0], np.cumsum([len(f) for f, _ in videos])])
-    return ClipBank(torch.from_numpy(feats), torch.from_numpy(offsets), labels, ids)
+    return ClipBank.from_videos([f for f, _ in videos], labels.tolist(), ids)
 
 
 def train(name: str, bank, iterations: int, seed: int, short: bool) -> torch.nn.Module:
-    from models import DETECTORS
+    from models import DETECTORS, fit
 
     cls = DETECTORS.get_class(name)
     cfg = cls.Config()
@@ -135,18 +133,8 @@ def train(name: str, bank, iterations: int, seed: int, short: bool) -> torch.nn.
             setattr(cfg, k, v)
     cfg.iterations = iterations
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     model = DETECTORS.get(name, feature_dim=int(bank.features.shape[-1]), cfg=cfg)
-    opt = model.make_optimizer()
-    model.setup(bank, gen)
-    model.train()
-    for step in range(iterations):
-        model.before_step(bank, step, gen)
-        terms = model.losses(model.sample_batch(bank, gen))
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
-    return model.eval()
+    return fit(model, bank, iterations, torch.Generator().manual_seed(seed))
 
 
 def fold_auc(name: str, model: torch.nn.Module, clips: dict, test_ids: list[str], intervals: dict) -> float:

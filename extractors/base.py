@@ -55,6 +55,16 @@ class ClipExtractor(ABC):
             return digest
         if cls.weights_spec is None:
             raise NotImplementedError(f"{cls.__name__} has no default weights; set extract.weights")
+        if cls.weights_spec.sha256 is None:
+            # no published sha256 (ResNet-50 I3D, C3D): the download pinned on first use keys the
+            # cache, so default weights not yet downloaded are fetched now (may raise StageError)
+            from extractors.weights import WeightsError, default_weights_sha256
+            from pipeline.runner import StageError
+
+            try:
+                return default_weights_sha256(cls.weights_spec)
+            except WeightsError as exc:  # called before the runner's error handling: one line, not a traceback
+                raise StageError(f"extract: {exc}") from exc
         return cls.weights_spec.sha256
 
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:

@@ -54,7 +54,7 @@ from torch import nn
 
 from extractors import EXTRACTORS
 from extractors.base import ClipExtractor
-from extractors.i3d_r50 import key_checksum, load_state_dict_checked, read_state_dict
+from extractors.i3d_r50 import load_state_dict_checked, read_state_dict
 from extractors.weights import WeightSpec, fetch_weights, pinned_sha256
 from pipeline.cache import sha256_file
 
@@ -204,17 +204,6 @@ class C3dFc6Extractor(ClipExtractor):
     crop_size = C3D_CROP
     resize = C3D_RESIZE
     weights_spec = C3D_SPORTS1M
-
-    @classmethod
-    def expected_checksum(cls, weights: str | None = None) -> str:
-        """sha256 of the weights a run will use: the local file's, else the pinned download's.
-
-        Default weights not yet downloaded are fetched (and pinned) now: there is no published sha256
-        to key the cache on without them. An unavailable download raises ``StageError``.
-        """
-        if weights:
-            return super().expected_checksum(weights)
-        return key_checksum(cls.weights_spec)
 
     def __init__(
         self,

@@ -53,7 +53,6 @@ from extractors.base import ClipExtractor
 from extractors.weights import (
     WeightsError,
     WeightSpec,
-    default_weights_sha256,
     fetch_weights,
     pinned_sha256,
 )
@@ -219,20 +218,6 @@ def load_i3d_r50(path: str | Path) -> nn.Module:
 # Registered extractor
 
 
-def key_checksum(spec: WeightSpec) -> str:
-    """The cache-key sha256 of ``spec``'s default weights (:func:`default_weights_sha256`: may download).
-
-    Called by the extract stage before it starts, outside the runner's error handling, so a failure
-    becomes a ``StageError`` (a one-line "error: ..." on the command line) keeping the WeightsError message.
-    """
-    try:
-        return default_weights_sha256(spec)
-    except WeightsError as exc:
-        from pipeline.runner import StageError
-
-        raise StageError(f"extract: {exc}") from exc
-
-
 @EXTRACTORS.register("resnet50_i3d")
 class ResNet50I3dExtractor(ClipExtractor):
     """ResNet-50 I3D (pytorchvideo ``i3d_r50``, Kinetics-400): one 2048-D feature per 16-frame clip.
@@ -252,17 +237,6 @@ class ResNet50I3dExtractor(ClipExtractor):
     crop_size = 224
     resize = ("short", 256)
     weights_spec = I3D_R50_K400
-
-    @classmethod
-    def expected_checksum(cls, weights: str | None = None) -> str:
-        """sha256 of the weights a run will use: the local file's, else the pinned download's.
-
-        Default weights not yet downloaded are fetched (and pinned) now: there is no published sha256
-        to key the cache on without them. An unavailable download raises ``StageError``.
-        """
-        if weights:
-            return super().expected_checksum(weights)
-        return key_checksum(cls.weights_spec)
 
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
         super().__init__(weights=weights, device=device)

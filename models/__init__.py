@@ -14,7 +14,7 @@ from typing import Callable
 
 from pipeline.registry import Registry
 
-from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, length_mask, pad_clip_batch
+from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, fit, length_mask, pad_clip_batch
 
 DETECTORS: Registry[Detector] = Registry("detector")
 
@@ -36,6 +36,6 @@ from . import claws  # noqa: E402,F401
 from . import arnet  # noqa: E402,F401
 
 __all__ = [
-    "DETECTORS", "ClipBank", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "length_mask", "pad_clip_batch",
+    "DETECTORS", "ClipBank", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "fit", "length_mask", "pad_clip_batch",
     "register_detector",
 ]

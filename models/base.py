@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,8 +57,24 @@ class TrainConfig:
             raise ValueError("val_fraction must be in (0, 1)")
 
 
+class _LabelledVideos:
+    """Index helpers shared by the banks (each has ``labels`` ``[N]`` int64)."""
+
+    labels: torch.Tensor
+
+    @property
+    def abnormal_index(self) -> torch.Tensor:
+        """``[Na]`` int64: the anomalous videos' indices."""
+        return torch.nonzero(self.labels == 1).flatten()
+
+    @property
+    def normal_index(self) -> torch.Tensor:
+        """``[Nn]`` int64: the normal videos' indices."""
+        return torch.nonzero(self.labels == 0).flatten()
+
+
 @dataclass
-class FeatureBank:
+class FeatureBank(_LabelledVideos):
     """All training bags of a dataset, loaded once.
 
     Attributes:
@@ -70,14 +87,6 @@ class FeatureBank:
     labels: torch.Tensor
     ids: list[str]
 
-    @property
-    def abnormal_index(self) -> torch.Tensor:
-        return torch.nonzero(self.labels == 1).flatten()
-
-    @property
-    def normal_index(self) -> torch.Tensor:
-        return torch.nonzero(self.labels == 0).flatten()
-
     def subset(self, index: torch.Tensor) -> "FeatureBank":
         return FeatureBank(self.features[index], self.labels[index], [self.ids[int(i)] for i in index])
 
@@ -87,7 +96,7 @@ class FeatureBank:
 
 
 @dataclass
-class ClipBank:
+class ClipBank(_LabelledVideos):
     """All training videos' clip-level features (variable length), loaded once.
 
     For detectors trained on clips rather than 32 segments (AR-Net, CLAWS). The clips of every video
@@ -106,18 +115,17 @@ class ClipBank:
     labels: torch.Tensor
     ids: list[str]
 
+    @classmethod
+    def from_videos(cls, videos: "list[np.ndarray | torch.Tensor]", labels: "list[int]", ids: "list[str]") -> "ClipBank":
+        """A bank of the videos' ``[T_i, C, D]`` float32 clip features (copied into one tensor)."""
+        feats = torch.cat([torch.as_tensor(v, dtype=torch.float32) for v in videos])
+        offsets = torch.tensor([0] + [len(v) for v in videos], dtype=torch.int64).cumsum(0)
+        return cls(feats, offsets, torch.tensor(labels), list(ids))
+
     @property
     def lengths(self) -> torch.Tensor:
         """``[N]`` int64: clips per video."""
         return self.offsets[1:] - self.offsets[:-1]
-
-    @property
-    def abnormal_index(self) -> torch.Tensor:
-        return torch.nonzero(self.labels == 1).flatten()
-
-    @property
-    def normal_index(self) -> torch.Tensor:
-        return torch.nonzero(self.labels == 0).flatten()
 
     def clips(self, i: int) -> torch.Tensor:
         """Video ``i``'s ``[T_i, C, D]`` clip features (a view)."""
@@ -292,3 +300,21 @@ class Detector(nn.Module):
         out = self.forward(bags).mean(0)
         self.train(was_training)
         return out
+
+
+def fit(model: Detector, bank: FeatureBank | ClipBank, iterations: int, gen: torch.Generator) -> Detector:
+    """Train ``model`` in memory for ``iterations`` steps (no checkpoints) and return it in eval mode.
+
+    The same step as the train stage's loop (``setup``, ``before_step``, ``sample_batch``,
+    ``losses``, one optimiser step), for tests and benchmarks that need no resumability.
+    """
+    opt = model.make_optimizer()
+    model.setup(bank, gen)
+    model.train()
+    for step in range(iterations):
+        model.before_step(bank, step, gen)
+        terms = model.losses(model.sample_batch(bank, gen))
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+    return model.eval()

@@ -33,8 +33,7 @@ def planted_bank(n_videos: int = 4, seed: int = 0, level: str = "segments") -> F
         if labels[i] == 1:
             x[10:14, :, 0] += 2.0
         videos.append(x)
-    offsets = torch.tensor([0, *lengths]).cumsum(0)
-    return ClipBank(torch.cat(videos), offsets, labels, ids)
+    return ClipBank.from_videos(videos, labels.tolist(), ids)
 
 
 def bank_for(name: str) -> FeatureBank | ClipBank:

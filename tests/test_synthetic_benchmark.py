@@ -26,7 +26,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models import DETECTORS, ClipBank, FeatureBank
+from models import DETECTORS, ClipBank, FeatureBank, fit
 from stages.evaluate import frames_from_units
 from stages.segment import pool_segments, segment_bins
 
@@ -68,9 +68,7 @@ def training_bank(videos: list, level: str) -> FeatureBank | ClipBank:
     if level == "segments":
         bags = [pool_segments(f, segment_bins(len(f), 32, "rtfm"), l2=False) for f, _, _ in videos]
         return FeatureBank(torch.from_numpy(np.stack(bags)), labels, ids)
-    feats = np.concatenate([f for f, _, _ in videos])
-    offsets = np.concatenate([[0], np.cumsum([len(f) for f, _, _ in videos])])
-    return ClipBank(torch.from_numpy(feats), torch.from_numpy(offsets), labels, ids)
+    return ClipBank.from_videos([f for f, _, _ in videos], labels.tolist(), ids)
 
 
 def frame_scores(model: torch.nn.Module, feats: np.ndarray) -> np.ndarray:
@@ -95,18 +93,8 @@ def train(name: str, bank: FeatureBank | ClipBank, seed: int = 0) -> torch.nn.Mo
     for k, v in DETECTORS.get_class(name).short_schedule.items():  # each detector documents why
         setattr(cfg, k, v)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     model = DETECTORS.get(name, feature_dim=D, cfg=cfg)
-    opt = model.make_optimizer()
-    model.setup(bank, gen)
-    model.train()
-    for step in range(cfg.iterations):
-        model.before_step(bank, step, gen)
-        terms = model.losses(model.sample_batch(bank, gen))
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
-    return model.eval()
+    return fit(model, bank, cfg.iterations, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("name", DETECTORS.list())
