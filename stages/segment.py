@@ -42,8 +42,10 @@ def segment_bins(n_clips: int, n_segments: int, scheme: str) -> list[tuple[int, 
 
 
 def pool_segments(features: np.ndarray, bins: list[tuple[int, int]], l2: bool) -> np.ndarray:
-    """``features`` ``[T, C, D]`` -> ``[C, S, D]`` float32, the mean of each bin (then unit L2 norm if ``l2``)."""
-    seg = np.stack([features[a:b].mean(axis=0) for a, b in bins], axis=1)  # [C, S, D]
+    """``features`` ``[T, C, D]`` (float32 or float16) -> ``[C, S, D]`` float32, the mean of each bin (then unit L2 norm if ``l2``)."""
+    # float32 arithmetic whatever the stored dtype: float16 features (extract.feature_dtype) would
+    # overflow in the L2 norm of 4096-D vectors
+    seg = np.stack([features[a:b].mean(axis=0, dtype=np.float32) for a, b in bins], axis=1)  # [C, S, D]
     if l2:
         seg = seg / np.maximum(np.linalg.norm(seg, axis=-1, keepdims=True), 1e-12)
     return seg.astype(np.float32)
