@@ -123,8 +123,9 @@ def preprocess_clips(
     same call on the same frames, crops are the same boxes, and a flipped crop is the same box of
     the flipped frame. ``normalize`` is applied once per resized frame, before cropping, which gives
     identical values when it is pointwise (each output value depends only on its own pixel's channel
-    values: every per-channel scale / mean / std / channel reordering); set ``normalize_after_crop``
-    for one that is not.
+    values: every per-channel scale / mean / std / channel reordering), or, when the crops hold fewer
+    pixels than the resized frame (a single centre crop), once on the crops; set
+    ``normalize_after_crop`` for a normalisation that is not pointwise.
 
     Memory: clips are processed in pieces of whole clips holding at most ``max_elements`` input
     values (at least one clip), each piece's float frames resized, normalised and copied into the
@@ -149,7 +150,12 @@ def preprocess_clips(
         raise ValueError(f"expected uint8 clips [B, T, H, W, 3], got {clips.dtype} {tuple(clips.shape)}")
     b, t, h, w, _ = clips.shape
     oh, ow = resized_size(h, w, resize)
-    pre = normalize if normalize is not None and not normalize_after_crop else None
+    n_crops = len(crop_names(crops, order))
+    cropped_area = n_crops * crop_size * crop_size if crops != "none" else oh * ow
+    # a pointwise normalisation costs the same values either way: run it where there are fewer pixels
+    # (before cropping for 10 and 5 crops, after for a single centre crop)
+    late = normalize is not None and (normalize_after_crop or cropped_area < oh * ow)
+    pre = normalize if normalize is not None and not late else None
     if crops == "none":
         names, s = ["full"], 0
         out = torch.empty((b, 3, t, oh, ow), dtype=torch.float32, device=clips.device, memory_format=memory_format)
@@ -184,6 +190,6 @@ def preprocess_clips(
                 y0, x0 = boxes[name]
                 view[b0 : b0 + p, c].copy_(x[..., y0 : y0 + s, x0 : x0 + s])
         del x, flipped
-    if normalize is not None and normalize_after_crop:
+    if late:
         out = normalize(out)
     return out
