@@ -105,6 +105,44 @@ def _crop_boxes(h: int, w: int, size: int) -> dict[str, tuple[int, int]]:
     return {"tl": (0, 0), "tr": (0, w - size), "bl": (h - size, 0), "br": (h - size, w - size), "c": (top, left)}
 
 
+def _resize_planar(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resize_frames` computed on planar (NCHW-contiguous) float frames.
+
+    Same call, same values (the antialiased bilinear kernel gives bit-identical results for either
+    layout; ``tests/test_extract_path.py`` checks the features against the per-clip path), but the
+    planar kernel runs about 1.8x faster on the CPU than the channels-last one that
+    :func:`resize_frames` gets from permuting ``[T, H, W, 3]`` frames (11 vs 20 ms per 16-frame
+    320x240 clip, 2-core EPYC).
+
+    Args:
+        frames: ``[N, H, W, 3]`` uint8.
+        size: output ``(height, width)``.
+    Returns:
+        ``[N, 3, height, width]`` float32 in [0, 255].
+    """
+    n, h, w, _ = frames.shape
+    x = torch.empty((n, 3, h, w), dtype=torch.float32, device=frames.device)
+    x.copy_(frames.permute(0, 3, 1, 2))
+    if tuple(size) != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
+    return x
+
+
+def _output(shape: tuple[int, ...], device: torch.device, memory_format: torch.memory_format,
+            buffer: torch.Tensor | None) -> torch.Tensor:
+    """The first ``shape[0]`` rows of ``buffer`` when they fit ``shape``, else a new tensor."""
+    if (
+        buffer is not None
+        and buffer.dtype == torch.float32
+        and buffer.device == torch.device(device)
+        and tuple(buffer.shape[1:]) == tuple(shape[1:])
+        and buffer.shape[0] >= shape[0]
+        and buffer.is_contiguous(memory_format=memory_format)
+    ):
+        return buffer[: shape[0]]
+    return torch.empty(shape, dtype=torch.float32, device=device, memory_format=memory_format)
+
+
 def preprocess_clips(
     clips: torch.Tensor,
     resize: tuple,
@@ -115,6 +153,7 @@ def preprocess_clips(
     normalize_after_crop: bool = False,
     memory_format: torch.memory_format = torch.contiguous_format,
     max_elements: int = RESIZE_MAX_ELEMENTS,
+    buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched resize + crops (+ normalisation) of uint8 clips, on whatever device ``clips`` is on.
 
@@ -141,6 +180,10 @@ def preprocess_clips(
             ``None`` leaves values in [0, 255].
         memory_format: layout of the returned tensor (``torch.channels_last_3d`` for cuDNN).
         max_elements: input values (``T * H * W * 3`` per clip) per piece.
+        buffer: a float32 tensor to write the result into when its first rows fit: same trailing
+            shape, device and layout, at least as many rows (the result is then a view of its first
+            rows). Reusing one buffer across batches spares the allocation and, on the CPU, the
+            page faults of touching a fresh 10-crop batch (770 MB for 8 clips at 224x224).
     Returns:
         ``[B * C, 3, T, s, s]`` float32 (``[B, 3, T, h, w]`` for ``"none"``), clip-major: row
         ``b * C + c`` is clip ``b``'s crop ``c`` in ``crop_names(crops, order)`` order. Values in
@@ -158,14 +201,13 @@ def preprocess_clips(
     pre = normalize if normalize is not None and not late else None
     if crops == "none":
         names, s = ["full"], 0
-        out = torch.empty((b, 3, t, oh, ow), dtype=torch.float32, device=clips.device, memory_format=memory_format)
+        out = _output((b, 3, t, oh, ow), clips.device, memory_format, buffer)
         view = out.view(b, 1, 3, t, oh, ow)
     else:
         if oh < crop_size or ow < crop_size:
             raise ValueError(f"frames of {oh}x{ow} are smaller than the {crop_size}x{crop_size} crop")
         names, s = crop_names(crops, order), crop_size
-        out = torch.empty((b * len(names), 3, t, s, s), dtype=torch.float32, device=clips.device,
-                          memory_format=memory_format)
+        out = _output((b * len(names), 3, t, s, s), clips.device, memory_format, buffer)
         view = out.view(b, len(names), 3, t, s, s)
     boxes = _crop_boxes(oh, ow, s) if s else {}
     any_flip = any(n.endswith("_flip") for n in names)
@@ -173,7 +215,7 @@ def preprocess_clips(
     for b0 in range(0, b, per_piece):
         piece = clips[b0 : b0 + per_piece]
         p = piece.shape[0]
-        x = resize_frames(piece.reshape(p * t, h, w, 3), resize)  # [p*T, 3, oh, ow] float32
+        x = _resize_planar(piece.reshape(p * t, h, w, 3), (oh, ow))  # [p*T, 3, oh, ow] float32
         x = x.view(p, t, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [p, 3, T, oh, ow], a view
         if pre is not None:
             x = pre(x)

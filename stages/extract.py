@@ -406,9 +406,12 @@ def iter_clip_features(
                 raise ValueError(f"{path}: features exceed the range of extract.feature_dtype={cfg.feature_dtype}")
             f = stored.astype(np.float32)
         for j, (rng, feats_j) in enumerate(zip(batch.ranges, f)):
-            yield batch.first + j, rng, np.ascontiguousarray(feats_j, dtype=np.float32)
+            yield batch.first + j, rng, np.array(feats_j, dtype=np.float32)  # a copy: buffers get reused
 
     in_flight: tuple[_ClipBatch, torch.Tensor] | None = None
+    # the network input of the previous batch, rewritten by the next one (on CUDA the rewrite is
+    # ordered after the previous forward pass on the same stream)
+    net_input: torch.Tensor | None = None
     try:
         with torch.inference_mode():
             while True:
@@ -428,8 +431,10 @@ def iter_clip_features(
                     x, extractor.resize, extractor.crop_size, cfg.crops, cfg.crop_order,
                     normalize=extractor.normalize,
                     normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
-                    memory_format=memory_format, max_elements=max_elements,
+                    memory_format=memory_format, max_elements=max_elements, buffer=net_input,
                 )  # [B*C, 3, T, s, s] on the device
+                if net_input is None or x.untyped_storage().data_ptr() != net_input.untyped_storage().data_ptr():
+                    net_input = x  # newly allocated: the buffer for the next batches
                 sync()
                 t2 = time.perf_counter()
                 with autocast:
