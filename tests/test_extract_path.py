@@ -406,3 +406,25 @@ def test_float16_features_pool_like_float32() -> None:
     with np.errstate(over="ignore"):
         half = pool_segments(f.astype(np.float16), bins, l2=True)
     np.testing.assert_allclose(half, pool_segments(f.astype(np.float16).astype(np.float32), bins, l2=True), atol=1e-3)
+
+
+@pytest.mark.xfail(reason="stages/evaluate.py score_units feeds the stored features to clip-level detectors as they are: "
+                          "float16 features meet float32 weights (it should call .float() first)",
+                   raises=Exception, strict=False)
+def test_float16_features_through_a_clip_level_detector(tmp_path: Path) -> None:
+    from models import DETECTORS
+    from pipeline.runner import Context, Runner
+    from stages import all_stages
+    from test_runner import make_dataset
+
+    clip_level = [n for n in DETECTORS.list() if DETECTORS.get_class(n).input_level == "clips"]
+    if not clip_level:
+        pytest.skip("no clip-level detector registered")
+    manifest = make_dataset(tmp_path / "data")
+    register_test_extractor()
+    cfg = build_config(sets=[f"data.manifest={manifest}", "extract.backbone=test_motion", "extract.crops=center",
+                             "extract.feature_dtype=float16"], method=clip_level[0])
+    if hasattr(cfg.train, "short_schedule"):
+        cfg.train.short_schedule = True
+    reports = {r.stage: r for r in Runner(Context(cfg, tmp_path / "run", progress=False), all_stages()).run(["evaluate"])}
+    assert reports["evaluate"].state == "computed"
