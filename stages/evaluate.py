@@ -62,7 +62,8 @@ def score_units(
         units = model.score(bags).cpu().numpy()
         unit_frames = [(clip_ranges[a][0], clip_ranges[b - 1][1]) for a, b in seg_meta["bins"]]
     else:
-        bags = torch.from_numpy(arrays["features"]).permute(1, 0, 2).contiguous().to(device)  # [C, T, D]
+        # float32 whatever the stored dtype (extract.feature_dtype=float16 meets float32 weights)
+        bags = torch.from_numpy(arrays["features"]).float().permute(1, 0, 2).contiguous().to(device)  # [C, T, D]
         units = model.score(bags).cpu().numpy()
         unit_frames = clip_ranges
     return units, unit_frames

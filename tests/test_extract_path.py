@@ -408,9 +408,6 @@ def test_float16_features_pool_like_float32() -> None:
     np.testing.assert_allclose(half, pool_segments(f.astype(np.float16).astype(np.float32), bins, l2=True), atol=1e-3)
 
 
-@pytest.mark.xfail(reason="stages/evaluate.py score_units feeds the stored features to clip-level detectors as they are: "
-                          "float16 features meet float32 weights (it should call .float() first)",
-                   raises=Exception, strict=False)
 def test_float16_features_through_a_clip_level_detector(tmp_path: Path) -> None:
     from models import DETECTORS
     from pipeline.runner import Context, Runner
