@@ -67,7 +67,17 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, _draw, length_mask, pad_clip_batch
+from .base import (
+    ClipBank,
+    Detector,
+    FeatureBank,
+    MILBatch,
+    TrainConfig,
+    _draw,
+    length_mask,
+    pad_clip_batch,
+    xavier_init_,
+)
 
 
 @dataclass
@@ -208,9 +218,7 @@ class ARNet(Detector):
         self.fc = nn.Linear(feature_dim, feature_dim)  # W_FC in R^{F x F}, Eq. 1
         self.dropout = nn.Dropout(cfg.dropout)
         self.ar = nn.Linear(feature_dim, 1)  # AR layer, Eq. 2
-        for m in (self.fc, self.ar):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+        xavier_init_((self.fc, self.ar))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, S, D]`` float32 (any leading shape ``[..., D]``) -> ``[B, S]`` scores in [0, 1], clip by clip."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -207,6 +207,25 @@ def _draw(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     if n >= k:
         return index[torch.randperm(n, generator=gen)[:k]]
     return index[torch.randint(n, (k,), generator=gen)]
+
+
+def mlp_head(in_dim: int, hidden: "tuple[int, ...] | list[int]", dropout: float) -> nn.Sequential:
+    """FC ``in_dim``-hidden...-1: each hidden layer followed by ReLU and dropout, a linear output
+    (RTFM's and NG-MIL's snippet classifiers; the sigmoid is the caller's). ``[..., in_dim]`` -> ``[..., 1]``."""
+    sizes = [in_dim, *hidden]
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    layers.append(nn.Linear(sizes[-1], 1))
+    return nn.Sequential(*layers)
+
+
+def xavier_init_(modules: "Iterable[nn.Module]") -> None:
+    """Xavier-uniform weights and zero biases for every ``nn.Linear`` / ``nn.Conv1d`` in ``modules``."""
+    for m in modules:
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class Detector(nn.Module):

@@ -101,7 +101,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import Detector, FeatureBank, MILBatch, TrainConfig, _draw
+from .base import Detector, FeatureBank, MILBatch, TrainConfig, _draw, mlp_head, xavier_init_
 
 log = logging.getLogger(__name__)
 
@@ -458,16 +458,8 @@ class NGMIL(Detector):
         super().__init__(feature_dim, cfg)
         width = cfg.encoder_width or feature_dim
         self.encoder = TemporalEncoder(feature_dim, width, cfg.encoder_layers, cfg.kernel_size, cfg.encoder_residual)
-        sizes = [width, *cfg.hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(cfg.dropout)]
-        layers.append(nn.Linear(sizes[-1], 1))
-        self.classifier = nn.Sequential(*layers)
-        for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv1d)):
-                nn.init.xavier_uniform_(mod.weight)
-                nn.init.zeros_(mod.bias)
+        self.classifier = mlp_head(width, cfg.hidden, cfg.dropout)
+        xavier_init_(self.modules())  # before the projection exists: it keeps PyTorch's default init
         # PyTorch's default init, non-zero bias included: cosine similarity to the prototypes only reflects a
         # feature's deviation from normality when the projected features sit away from the origin
         # (module docstring)

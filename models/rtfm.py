@@ -54,7 +54,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import Detector, FeatureBank, MILBatch, TrainConfig, _draw
+from .base import Detector, FeatureBank, MILBatch, TrainConfig, _draw, mlp_head, xavier_init_
 
 
 @dataclass
@@ -371,16 +371,8 @@ class RTFM(Detector):
         cfg = cfg or RTFMConfig()
         super().__init__(feature_dim, cfg)
         self.mtn = MultiScaleTemporalNetwork(feature_dim, tuple(cfg.dilations), cfg.kernel_size)
-        sizes = [feature_dim, *cfg.hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(cfg.dropout)]
-        layers.append(nn.Linear(sizes[-1], 1))
-        self.classifier = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d)):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.classifier = mlp_head(feature_dim, cfg.hidden, cfg.dropout)
+        xavier_init_(self.modules())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """MTN output ``X = s_theta(F)``: ``[B, S, D]`` -> ``[B, S, D]``."""

@@ -29,11 +29,16 @@ from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, 
 log = logging.getLogger(__name__)
 
 
+def _mapped(nbytes: int, limit_gb: float) -> bool:
+    """Whether a bank of ``nbytes`` is memory-mapped rather than held in RAM (``train.mmap_over_gb``)."""
+    return nbytes > limit_gb * 2**30
+
+
 def _bank_storage(shape: tuple[int, ...], limit_gb: float, folder: Path) -> np.ndarray:
     """An empty float32 array of ``shape``: in RAM, or memory-mapped from ``folder/bank.npy`` when it
     is larger than ``limit_gb`` GiB (UCF-Crime's 10-crop 2048-D clips are ~60 GB)."""
     nbytes = int(np.prod(shape)) * 4
-    if nbytes <= limit_gb * 2**30:
+    if not _mapped(nbytes, limit_gb):
         return np.empty(shape, np.float32)
     path = folder / "bank.npy"
     log.info("train: feature bank is %.1f GiB; memory-mapping it from %s", nbytes / 2**30, path)
@@ -153,8 +158,8 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
     val = None
     if cfg.selection == "val":
         bank, val = split_validation(bank, cfg.val_fraction, cfg.seed)
-    mapped = bank.features.numel() * 4 > cfg.mmap_over_gb * 2**30
-    if not mapped:  # a bank that fits in memory also goes to the GPU once; a mapped one stays on disk
+    # a bank that fits in memory also goes to the GPU once; a mapped one stays on disk
+    if not _mapped(bank.features.numel() * 4, cfg.mmap_over_gb):
         bank.features = bank.features.to(device)
     feature_dim = int(bank.features.shape[-1])
 

@@ -3,7 +3,6 @@ training on variable-length clips, and the train stage end to end on clips witho
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -28,8 +27,6 @@ def test_registered_with_cited_defaults():
     assert (cfg.batch_abnormal, cfg.batch_normal) == (30, 30)
     assert (cfg.alpha, cfg.lambda_center, cfg.dropout) == (4.0, 20.0, 0.7)
     assert (cfg.max_clips, cfg.normal_sampling, cfg.dmil_reduction) == (300, "window", "instances")
-    for f in dataclasses.fields(ARNetConfig):  # every field documented
-        assert f.metadata.get("doc"), f.name
 
 
 def test_config_from_cli_settings():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import DETECTORS, ClipBank, FeatureBank
+from models import DETECTORS, ClipBank, FeatureBank, fit
 from models.sultani_mil import mil_ranking_loss
 
 D, S = 24, 32
@@ -49,6 +49,14 @@ def small_config(name: str, **over):
 
 
 @pytest.mark.parametrize("name", DETECTORS.list())
+def test_every_config_field_is_documented(name):
+    import dataclasses
+
+    for f in dataclasses.fields(DETECTORS.get_class(name).Config):
+        assert f.metadata.get("doc"), f"{name}: train.{f.name} is undocumented"
+
+
+@pytest.mark.parametrize("name", DETECTORS.list())
 def test_shapes_loss_and_gradients(name):
     torch.manual_seed(0)
     model = DETECTORS.get(name, feature_dim=D, cfg=small_config(name))
@@ -81,16 +89,7 @@ def test_overfits_four_videos(name):
     cfg = small_config(name, **over)
     model = DETECTORS.get(name, feature_dim=D, cfg=cfg)
     bank = bank_for(name)
-    opt = model.make_optimizer()
-    gen = torch.Generator().manual_seed(0)
-    model.setup(bank, gen)
-    for step in range(300):
-        model.before_step(bank, step, gen)
-        terms = model.losses(model.sample_batch(bank, gen))
-        opt.zero_grad()
-        terms["total"].backward()
-        opt.step()
-    model.eval()
+    fit(model, bank, 300, torch.Generator().manual_seed(0))
     with torch.no_grad():
         s = [model(bank.bags(i)[:1])[0] for i in range(len(bank.ids))]  # [T_i] per video
     abn = [x for x, y in zip(s, bank.labels) if y == 1]

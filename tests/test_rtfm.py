@@ -55,10 +55,6 @@ def test_registered_with_cited_defaults():
     assert cfg.dropout == 0.7 and cfg.magnitude_dropout is None  # None: the same 0.7
     assert cfg.hidden == (512, 128) and cfg.dilations == (1, 2, 4) and cfg.kernel_size == 3
     assert cfg.loss_form == "code"
-    import dataclasses
-
-    for f in dataclasses.fields(RTFMConfig):  # every field documented
-        assert f.metadata.get("doc"), f.name
 
 
 def test_config_from_cli_settings():
