@@ -127,11 +127,19 @@ class StageDir:
             files[name] = {"file": fname, "sha256": digest, "size": (self.items / fname).stat().st_size}
         atomic_write_json(self.item_meta_path(vid), {**meta, "_files": files})
 
+    def load_meta(self, vid: str) -> dict[str, Any]:
+        """A video's metadata alone (no array is read); raises CorruptArtifact if it is unreadable."""
+        meta_path = self.item_meta_path(vid)
+        try:
+            return json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptArtifact(f"{meta_path}: unreadable cached item ({e})") from e
+
     def load_item(self, vid: str, verify: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """A video's metadata and arrays; raises CorruptArtifact if anything is missing or altered."""
         meta_path = self.item_meta_path(vid)
+        meta = self.load_meta(vid)
         try:
-            meta = json.loads(meta_path.read_text())
             arrays = {}
             for name, f in meta["_files"].items():
                 path = self.items / f["file"]

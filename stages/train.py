@@ -54,34 +54,41 @@ def _split_videos(ctx: Context, src: StageDir, split: str) -> list[Any]:
 
 
 def load_bank(ctx: Context, seg_dir: StageDir, split: str = "train", folder: Path | None = None) -> FeatureBank:
-    """Every ``split`` video's segments as one ``[N, C, S, D]`` FeatureBank, read once (videos whose
-    segments are missing are skipped)."""
+    """Every ``split`` video's segments as one ``[N, C, S, D]`` FeatureBank, each file read once
+    (videos whose segments are missing are skipped)."""
     videos = _split_videos(ctx, seg_dir, split)
-    first = seg_dir.load_item(videos[0].id)[1]["segments"].shape
     limit = getattr(ctx.cfg.train, "mmap_over_gb", 4.0)
-    feats = _bank_storage((len(videos), *first), limit, folder or seg_dir.path)
+    feats: np.ndarray | None = None
     for i, v in enumerate(videos):
         seg = seg_dir.load_item(v.id)[1]["segments"]
-        if seg.shape != first:
-            raise StageError(f"segment features of different shapes ({first} and {seg.shape} for {v.id}); rerun segment with --force")
+        if feats is None:  # the first video gives the bank's shape
+            feats = _bank_storage((len(videos), *seg.shape), limit, folder or seg_dir.path)
+        if seg.shape != feats.shape[1:]:
+            raise StageError(
+                f"segment features of different shapes ({feats.shape[1:]} and {seg.shape} for {v.id}); "
+                "rerun segment with --force"
+            )
         feats[i] = seg
     labels = torch.tensor([v.label for v in videos])
     return FeatureBank(torch.from_numpy(feats), labels, [v.id for v in videos])
 
 
 def load_clip_bank(ctx: Context, ext_dir: StageDir, split: str = "train", folder: Path | None = None) -> ClipBank:
-    """Every ``split`` video's clip features ``[T_i, C, D]`` concatenated into one ClipBank, read once."""
+    """Every ``split`` video's clip features ``[T_i, C, D]`` concatenated into one ClipBank, each file
+    read once (the clip counts come from the metadata, so the bank is allocated before any array is read)."""
     videos = _split_videos(ctx, ext_dir, split)
-    metas = [ext_dir.load_item(v.id, verify=False)[0] for v in videos]
-    lengths = [len(m["clip_ranges"]) for m in metas]
-    first = ext_dir.load_item(videos[0].id)[1]["features"].shape
-    limit = getattr(ctx.cfg.train, "mmap_over_gb", 4.0)
-    feats = _bank_storage((sum(lengths), *first[1:]), limit, folder or ext_dir.path)
+    lengths = [len(ext_dir.load_meta(v.id)["clip_ranges"]) for v in videos]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    limit = getattr(ctx.cfg.train, "mmap_over_gb", 4.0)
+    feats: np.ndarray | None = None
     for i, v in enumerate(videos):
         f = ext_dir.load_item(v.id)[1]["features"]
-        if f.shape[1:] != first[1:] or f.shape[0] != lengths[i]:
-            raise StageError(f"{v.id}: clip features of shape {f.shape}, expected [{lengths[i]}, {first[1]}, {first[2]}]")
+        if feats is None:  # the first video gives the crop and feature dimensions
+            feats = _bank_storage((int(offsets[-1]), *f.shape[1:]), limit, folder or ext_dir.path)
+        if f.shape[1:] != feats.shape[1:] or f.shape[0] != lengths[i]:
+            raise StageError(
+                f"{v.id}: clip features of shape {f.shape}, expected [{lengths[i]}, {feats.shape[1]}, {feats.shape[2]}]"
+            )
         feats[offsets[i] : offsets[i + 1]] = f
     labels = torch.tensor([v.label for v in videos])
     return ClipBank(torch.from_numpy(feats), torch.from_numpy(offsets), labels, [v.id for v in videos])
