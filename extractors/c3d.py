@@ -150,6 +150,23 @@ class C3D(nn.Module):
             )
         return x
 
+    def conv_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv4b and conv5b activations (after ReLU) in one pass, for MIST's self-guided attention
+        (``extractors.sga``): ``[N, 3, T, H, W]`` -> ``[N, 512, T/4, H/8, W/8]`` and
+        ``[N, 512, T/8, H/16, W/16]`` float32 (``[N, 512, 4, 14, 14]`` and ``[N, 512, 2, 7, 7]`` for
+        16x112x112 clips). Any size divisible by 16 works (no fc layer is involved)."""
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"C3D expects [N, 3, T, H, W] clips, got shape {tuple(x.shape)}")
+        conv4b = x
+        for name in self._trunk:
+            if name == "pool5":
+                break
+            layer = getattr(self, name)
+            x = F.relu(layer(x)) if name.startswith("conv") else layer(x)
+            if name == "conv4b":
+                conv4b = x
+        return conv4b, x
+
     def forward_fc6(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
         """fc6 activations: ``[N, 3, 16, 112, 112]`` -> ``[N, 4096]`` float32 (after ReLU when ``relu``)."""
         h = self.fc6(self.pool5_map(x).flatten(1))

@@ -271,6 +271,28 @@ class InceptionI3d(nn.Module):
             x = getattr(self, name)(x)
         return x
 
+    def forward_maps(self, x: torch.Tensor, mid: str = "Mixed_4f") -> tuple[torch.Tensor, torch.Tensor]:
+        """A mid-level feature map and the ``Mixed_5c`` map, in one pass (MIST's self-guided attention
+        reads the first and re-weights the second; ``extractors.sga``).
+
+        Args:
+            x: ``[N, 3, T, H, W]`` float32 in [-1, 1].
+            mid: the endpoint returned first (any name of the trunk, e.g. ``Mixed_4f``).
+        Returns:
+            ``mid`` map (``[N, 832, ceil(T/4), ceil(H/16), ceil(W/16)]`` for ``Mixed_4f``) and the
+            ``Mixed_5c`` map ``[N, 1024, ceil(T/8), ceil(H/32), ceil(W/32)]``, float32, non-negative.
+        """
+        if mid not in self._trunk:
+            raise ValueError(f"unknown I3D endpoint {mid!r}; one of {', '.join(self._trunk)}")
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"InceptionI3d expects [N, 3, T, H, W] RGB clips, got shape {tuple(x.shape)}")
+        mid_map = x
+        for name in self._trunk:
+            x = getattr(self, name)(x)
+            if name == mid:
+                mid_map = x
+        return mid_map, x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The WS-VAD I3D feature: ``Mixed_5c`` averaged over time, height and width.
 
