@@ -8,6 +8,7 @@ A failed write (a full disk, say) removes its temporary file and leaves the prev
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -19,9 +20,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
+class DiskFull(OSError):
+    """A write that ran out of space; the message names the file. Its partial file is removed."""
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; on success it is fsync'ed and renamed to ``dest``."""
+    """Yield a temporary path next to ``dest``; on success it is fsync'ed and renamed to ``dest``.
+
+    On any error the temporary file is removed and ``dest`` keeps its previous content; a full disk
+    (ENOSPC, EDQUOT) is re-raised as :class:`DiskFull` naming ``dest``.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -32,14 +41,26 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, DiskFull):
+            raise DiskFull(
+                exc.errno,
+                f"{dest}: disk full (no space left on device) while writing it; the partial file was "
+                "removed and earlier artifacts are intact; free some space and rerun to resume",
+            ) from exc
         raise
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (one function, so that tests can simulate a full disk here)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:
     with atomic_path(dest) as tmp:
-        tmp.write_bytes(data)
+        _write_file(tmp, data)
 
 
 def atomic_write_text(dest: Path, text: str) -> None:
@@ -59,11 +80,55 @@ def atomic_save_npy(dest: Path, array: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _digest_file(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
 def atomic_torch_save(dest: Path, obj: Any) -> None:
+    """``torch.save`` atomically, with the file's sha256 in ``<dest>.sha256`` for :func:`verified_torch_load`.
+
+    torch.load does not notice altered bytes inside a checkpoint, hence the checksum. The sidecar
+    lists the new and the old digest while the file is being replaced, so a kill between the two
+    renames leaves a pair that still verifies.
+    """
     import torch
 
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    new = hashlib.sha256(data).hexdigest()
+    sidecar = _digest_file(dest)
+    old = [line.strip() for line in sidecar.read_text().splitlines()] if sidecar.is_file() else []
+    atomic_write_text(sidecar, "\n".join([new, *old]) + "\n")
+    atomic_write_bytes(dest, data)
+    atomic_write_text(sidecar, new + "\n")
+
+
+def verified_torch_load(path: Path, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of a file written by :func:`atomic_torch_save`.
+
+    A file without ``.sha256`` (written before checksums were recorded) is only checked by
+    torch.load itself, which notices truncation but not altered bytes.
+
+    Raises:
+        ValueError: the file is missing, its checksum does not match, or torch cannot read it (the
+            message names the file); callers turn it into their own error.
+    """
+    import torch
+
+    sidecar = _digest_file(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e})") from e
+    if sidecar.is_file():
+        allowed = {line.strip() for line in sidecar.read_text().splitlines() if line.strip()}
+        if hashlib.sha256(data).hexdigest() not in allowed:
+            raise ValueError(f"{path}: checksum does not match the one recorded at write time (truncated or altered)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle: whatever torch raises, the file is unusable
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

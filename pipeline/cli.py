@@ -150,13 +150,24 @@ def cmd_run(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None
     from pipeline.runner import Context, Runner
     from stages import STAGE_NAMES, all_stages
 
+    from pipeline import distributed
+
     cfg = _resolve(args, preset)
     ctx = Context(cfg, args.run_dir, progress=not args.quiet)
     _ = ctx.manifest  # validate the manifest before any work
-    runner = Runner(ctx, all_stages())
+    dist = distributed.from_env()  # under torchrun: this process's rank (see pipeline/distributed.py)
+    if dist is not None and not dist.is_main:
+        ctx.progress = False
+    runner = Runner(ctx, all_stages(), dist=dist)
     targets = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
     t0 = time.time()
-    reports = runner.run(targets, force=set(targets) if args.force else set())
+    try:
+        reports = runner.run(targets, force=set(targets) if args.force else set())
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is not None and not dist.is_main:
+        return 0  # rank 0 prints the job's summary and exits non-zero for every rank's failures
     code = _print_reports(reports)
     print(f"run directory: {args.run_dir}   ({time.time() - t0:.1f} s)")
     return code

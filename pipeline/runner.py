@@ -19,19 +19,22 @@ current artifacts first. A failed video is recorded and the others go on.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import logging
+import os
 import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import numpy as np
 
 from pipeline.cache import (
+    DiskFull,
     atomic_save_npy,
     atomic_write_json,
     atomic_write_text,
@@ -42,7 +45,13 @@ from pipeline.cache import (
 from pipeline.config import RunConfig, dump_config, key_fields
 from pipeline.manifest import Manifest, VideoRecord, load_manifest
 
+if TYPE_CHECKING:
+    from pipeline.distributed import Distributed
+
 log = logging.getLogger(__name__)
+
+#: how many times one run recomputes corrupt cached artifacts before giving up
+CORRUPT_RETRIES = 2
 
 
 class StageError(RuntimeError):
@@ -50,7 +59,23 @@ class StageError(RuntimeError):
 
 
 class CorruptArtifact(RuntimeError):
-    """A cached file that is missing, truncated or does not match its recorded checksum."""
+    """A cached file that is missing, truncated or does not match its recorded checksum.
+
+    ``path`` is the file; the runner drops what it belongs to (a video's item, or a whole-run
+    stage's result) and computes it again.
+    """
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class _Recompute(Exception):
+    """Corrupt upstream artifacts were dropped: run the stages again to compute them anew."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__(", ".join(paths))
+        self.paths = paths
 
 
 @dataclass
@@ -133,7 +158,7 @@ class StageDir:
         try:
             return json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
-            raise CorruptArtifact(f"{meta_path}: unreadable cached item ({e})") from e
+            raise CorruptArtifact(f"{meta_path}: unreadable cached item ({e})", meta_path) from e
 
     def load_item(self, vid: str, verify: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """A video's metadata and arrays; raises CorruptArtifact if anything is missing or altered."""
@@ -144,18 +169,32 @@ class StageDir:
             for name, f in meta["_files"].items():
                 path = self.items / f["file"]
                 if verify and sha256_file(path) != f["sha256"]:
-                    raise CorruptArtifact(f"{path}: checksum does not match the one recorded at write time")
+                    raise CorruptArtifact(f"{path}: checksum does not match the one recorded at write time", path)
                 arrays[name] = np.load(path, allow_pickle=False)
         except CorruptArtifact:
             raise
         except (OSError, ValueError, KeyError) as e:
-            raise CorruptArtifact(f"{meta_path}: unreadable cached item ({e})") from e
+            raise CorruptArtifact(f"{meta_path}: unreadable cached item ({e})", meta_path) from e
         return meta, arrays
 
     def drop_item(self, vid: str) -> None:
+        """Remove a video's marker, then its data files (``<vid>.<name>.npy``; array names have no
+        dot, so video ``a`` never takes the files of video ``a.b``)."""
         self.item_meta_path(vid).unlink(missing_ok=True)
-        for p in self.items.glob(f"{vid}.*.npy"):
-            p.unlink(missing_ok=True)
+        for p in self.items.glob(f"{glob.escape(vid)}.*.npy"):
+            if "." not in p.name[len(vid) + 1 : -len(".npy")]:
+                p.unlink(missing_ok=True)
+
+    def item_of(self, path: Path) -> str | None:
+        """The video whose item ``path`` (a file in :attr:`items`) belongs to; None for other files."""
+        if path.parent != self.items:
+            return None
+        name = path.name
+        if name.endswith(".json"):
+            return name[: -len(".json")]
+        if name.endswith(".npy") and name.count(".") >= 2:
+            return name[: -len(".npy")].rsplit(".", 1)[0]
+        return None
 
     def failures(self) -> list[dict[str, Any]]:
         if not self.failures_file.is_file():
@@ -187,8 +226,13 @@ class Stage:
     #: the stages whose outputs this one reads (see :meth:`upstream_for`)
     upstream: ClassVar[tuple[str, ...]] = ()
     per_video: ClassVar[bool] = True
+    #: balance a distributed run by each video's frame count (else each video counts as one)
+    shard_by_frames: ClassVar[bool] = False
     #: which split's videos a per-video stage processes (None: all)
     splits: ClassVar[tuple[str, ...] | None] = None
+    #: runs only when a stage that is not optional reads it (a detector's own stages, e.g. MIST's);
+    #: ``pipeline status`` lists it only then
+    optional: ClassVar[bool] = False
 
     def upstream_for(self, cfg: RunConfig) -> tuple[str, ...]:
         """The upstream stages this run's config needs; default :attr:`upstream`. Only these enter
@@ -258,10 +302,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 class Runner:
     """Runs stages in dependency order over one run directory."""
 
-    def __init__(self, ctx: Context, stages: list[Stage]) -> None:
+    def __init__(self, ctx: Context, stages: list[Stage], dist: "Distributed | None" = None) -> None:
         self.ctx = ctx
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
+        #: this process's rank in a torchrun job (pipeline.distributed), or None
+        self.dist = dist
 
     # -- keys ------------------------------------------------------------------------------------
     def stage_root(self, name: str) -> Path:
@@ -308,41 +354,83 @@ class Runner:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, targets: list[str], force: set[str] = frozenset()) -> list[StageReport]:
-        """Run ``targets`` and whatever upstream stages they need; returns one report per stage run."""
+        """Run ``targets`` and whatever upstream stages they need; returns one report per stage run.
+
+        A corrupt cached artifact met on the way (a truncated or altered file) is dropped and the
+        stages are run again, which computes it anew (at most :data:`CORRUPT_RETRIES` times).
+        Under torchrun (``dist``), see :mod:`pipeline.distributed`: ranks other than 0 return once
+        the per-video stages are done.
+        """
         self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.ctx.run_dir / ".lock", "w")
+        lock, busy = None, None
+        if self._main:
+            lock = open(self.ctx.run_dir / ".lock", "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = f"{self.ctx.run_dir}: another pipeline run is using this run directory"
+        if self._dist_active:
+            busy = self.dist.broadcast(busy)  # every rank stops if rank 0 could not lock
+        if busy:
+            if lock is not None:
+                lock.close()
+            raise StageError(busy)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"{self.ctx.run_dir}: another pipeline run is using this run directory") from None
-        try:
-            self._save_config()
-            reports: list[StageReport] = []
-            fps: dict[str, str] = {}
-            dirs: dict[str, StageDir | None] = {}
-            for name in self.closure(targets):
-                stage = self.stages[name]
-                missing = [u for u in self.upstream_of(name) if not self._usable(u, dirs.get(u))]
-                if missing:
-                    why = f"upstream {', '.join(missing)} produced nothing usable"
-                    log.error("%s: skipped, %s", name, why)
-                    reports.append(StageReport(name, "", Path(), "failed", failed=[{"video": "*", "stage": name, "error": why}]))
-                    dirs[name] = None
-                    continue
-                inputs = self.inputs_of(name, fps)
-                sd = self.stage_dir(name, inputs)
-                if name in force and sd.path.exists():
-                    log.info("%s: --force, removing %s", name, sd.path)
-                    shutil.rmtree(sd.path)
-                report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in self.upstream_of(name)})
-                reports.append(report)
-                dirs[name] = sd
-                fps[name] = self.output_fingerprint(name, sd)
-            self._write_latest(dirs)
+            if self._main:
+                self._save_config()
+            for attempt in range(CORRUPT_RETRIES + 1):
+                try:
+                    reports, dirs = self._run_closure(targets, force if attempt == 0 else set())
+                    break
+                except _Recompute as e:
+                    if attempt == CORRUPT_RETRIES:
+                        raise StageError(f"corrupt cached artifacts keep coming back: {', '.join(e.paths)}") from None
+                    log.warning("recomputing %d corrupt cached artifact(s): %s", len(e.paths), ", ".join(e.paths))
+            if self._main:
+                self._write_latest(dirs)
             return reports
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
+
+    @property
+    def _main(self) -> bool:
+        """Whether this process takes the run's decisions and writes its shared files (rank 0)."""
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def _dist_active(self) -> bool:
+        return self.dist is not None and self.dist.active
+
+    def _run_closure(self, targets: list[str], force: set[str]) -> tuple[list[StageReport], dict[str, StageDir | None]]:
+        reports: list[StageReport] = []
+        fps: dict[str, str] = {}
+        dirs: dict[str, StageDir | None] = {}
+        for name in self.closure(targets):
+            stage = self.stages[name]
+            if self._dist_active and not stage.per_video:
+                # whole-run stages run on rank 0 alone; the other ranks' work is done
+                self.dist.active = False
+                if not self._main:
+                    break
+            missing = [u for u in self.upstream_of(name) if not self._usable(u, dirs.get(u))]
+            if missing:
+                why = f"upstream {', '.join(missing)} produced nothing usable"
+                log.error("%s: skipped, %s", name, why)
+                reports.append(StageReport(name, "", Path(), "failed", failed=[{"video": "*", "stage": name, "error": why}]))
+                dirs[name] = None
+                continue
+            inputs = self.inputs_of(name, fps)
+            sd = self.stage_dir(name, inputs)
+            if name in force and sd.path.exists() and self._main:
+                log.info("%s: --force, removing %s", name, sd.path)
+                shutil.rmtree(sd.path)
+            report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in self.upstream_of(name)})
+            reports.append(report)
+            dirs[name] = sd
+            fps[name] = self.output_fingerprint(name, sd)
+        return reports, dirs
 
     def _prepare(self, stage: Stage, sd: StageDir) -> None:
         """``stage.prepare``; a problem there concerns the whole stage (weights, a missing folder), so
@@ -374,70 +462,172 @@ class Runner:
     ) -> StageReport:
         t0 = time.time()
         report = StageReport(stage.name, sd.path.name, sd.path, "done")
+        if not stage.per_video:
+            return self._run_whole(stage, sd, inputs, ups, report)
+        plan = self._plan(stage, sd, inputs, ups) if self._main else None
+        if self._dist_active:
+            plan = self.dist.broadcast(plan)
+        report.cached = plan["cached"]
+        if plan["done"]:
+            log.info("%s: up to date (%s)", stage.name, sd.path)
+            report.summary = plan["summary"]
+            return report
+        rank = self.dist.rank if self._dist_active else 0
+        by_id = {v.id: v for v in stage.videos(self.ctx)}
+        failures, computed, corrupt = self._process(stage, sd, ups, [by_id[i] for i in plan["shares"][rank]], len(plan["videos"]))
+        if self._dist_active:
+            gathered = self.dist.all_gather((failures, computed, corrupt))
+            failures = [f for g in gathered for f in g[0]]
+            computed = sum(g[1] for g in gathered)
+            corrupt = [c for g in gathered for c in g[2]]
+        report.computed, report.failed = computed, failures
+        report.state = "partial"
+        if self._main:
+            sd.record_failures(failures)
+            if not failures and all(sd.item_complete(v) for v in plan["videos"]):
+                sd.write_done({"videos": len(plan["videos"]), "expected": len(stage.videos(self.ctx)), "finished": time.time()})
+                report.state = "computed" if report.computed else "done"
+        if self._dist_active:
+            self.dist.barrier()  # the next stage starts from rank 0's DONE marker and failure list
+        report.seconds = time.time() - t0
+        if corrupt:
+            raise _Recompute(corrupt)
+        return report
+
+    def _plan(self, stage: Stage, sd: StageDir, inputs: dict[str, Any], ups: dict[str, StageDir]) -> dict[str, Any]:
+        """What a per-video stage has left to do, decided once (by rank 0 under torchrun): the
+        videos, how many are cached, and each rank's share of the rest (:func:`pipeline.distributed.shard`)."""
+        videos = stage.videos(self.ctx)
+        for u in ups:  # only videos every per-video upstream stage completed
+            if self.stages[u].per_video:
+                available = set(ups[u].complete_items())
+                videos = [v for v in videos if v.id in available]
+        if sd.is_done():
+            lost = [v.id for v in videos if not sd.item_complete(v.id)]
+            if not lost:
+                return {"done": True, "cached": len(videos), "summary": json.loads(sd.done_marker.read_text())}
+            # a file truncated or deleted behind the cache's back: compute those videos again
+            log.warning("%s: %d cached videos are missing or truncated (%s); computing them again",
+                        stage.name, len(lost), ", ".join(lost[:5]) + (" ..." if len(lost) > 5 else ""))
+            sd.done_marker.unlink(missing_ok=True)
+        self._open_stage_dir(sd, inputs)
+        todo = [v for v in videos if not sd.item_complete(v.id)]
+        if todo and stage.name == "extract":
+            self.ctx.ensure_data()
+        world = self.dist.world_size if self._dist_active else 1
+        if world > 1:
+            from pipeline.distributed import estimate_frames, shard
+
+            fps = self.ctx.cfg.data.folder_fps
+            weights = [float(estimate_frames(self.ctx.manifest.resolve(v), fps)) if stage.shard_by_frames else 1.0 for v in todo]
+            shares = shard([v.id for v in todo], weights, world)
+            log.info("%s: %d videos to compute over %d ranks (%s per rank)", stage.name, len(todo), world,
+                     " / ".join(f"{sum(w for v, w in zip(todo, weights) if v.id in set(s)):.0f}" for s in shares))
+        else:
+            shares = [[v.id for v in todo]]
+        return {"done": False, "videos": [v.id for v in videos], "cached": len(videos) - len(todo), "shares": shares}
+
+    def _process(
+        self, stage: Stage, sd: StageDir, ups: dict[str, StageDir], todo: list[VideoRecord], total: int
+    ) -> tuple[list[dict[str, Any]], int, list[str]]:
+        """Compute ``todo``'s items: (failure records, videos computed, corrupt upstream files dropped)."""
+        failures: list[dict[str, Any]] = []
+        corrupt: list[str] = []
+        computed = 0
+        if not todo:
+            return failures, computed, corrupt
+        log.info("%s: %d of %d videos to compute", stage.name, len(todo), total)
+        self._prepare(stage, sd)
+        for video in _progress(todo, stage.name, self.ctx.progress):
+            try:
+                sd.drop_item(video.id)
+                stage.process(self.ctx, video, sd, ups)
+                computed += 1
+            except KeyboardInterrupt:
+                raise
+            except DiskFull as e:  # every later write would fail too: stop, keep what is done
+                sd.drop_item(video.id)
+                raise StageError(f"{stage.name}: {e}") from e
+            except Exception as e:  # one broken video never stops the others
+                msg = f"{type(e).__name__}: {e}"
+                dropped = self._drop_corrupt(e, sd) if isinstance(e, CorruptArtifact) else None
+                if dropped:
+                    corrupt.append(dropped)
+                    msg += " (removed; computed again)"
+                log.error("%s: video %s failed: %s", stage.name, video.id, msg)
+                log.debug("%s", traceback.format_exc())
+                sd.drop_item(video.id)
+                failures.append({"video": video.id, "path": video.path, "stage": stage.name, "error": msg, "time": time.time()})
+        return failures, computed, corrupt
+
+    def _run_whole(
+        self, stage: Stage, sd: StageDir, inputs: dict[str, Any], ups: dict[str, StageDir], report: StageReport
+    ) -> StageReport:
+        t0 = time.time()
         if sd.is_done():
             log.info("%s: up to date (%s)", stage.name, sd.path)
-            if stage.per_video:
-                report.cached = len(sd.complete_items())
             report.summary = json.loads(sd.done_marker.read_text())
             return report
+        self._open_stage_dir(sd, inputs)
+        self._prepare(stage, sd)
+        try:
+            summary = stage.run_whole(self.ctx, sd, ups)
+        except CorruptArtifact as e:
+            dropped = self._drop_corrupt(e, sd)
+            if dropped is None:
+                raise StageError(f"{stage.name}: {e}") from e
+            raise _Recompute([dropped]) from e
+        except DiskFull as e:
+            raise StageError(f"{stage.name}: {e}") from e
+        sd.write_done({**summary, "finished": time.time(), "seconds": time.time() - t0})
+        report.state, report.computed, report.summary = "computed", 1, summary
+        report.seconds = time.time() - t0
+        return report
+
+    @staticmethod
+    def _open_stage_dir(sd: StageDir, inputs: dict[str, Any]) -> None:
+        """Create the stage's folder, remove temporary files of killed writes, record its inputs."""
         sd.path.mkdir(parents=True, exist_ok=True)
         sd.items.mkdir(exist_ok=True)
         remove_stale_temps(sd.items)
         remove_stale_temps(sd.path)
         if not (sd.path / "stage.json").is_file():
             atomic_write_json(sd.path / "stage.json", {"key": sd.path.name, "inputs": inputs, "created": time.time()})
-        if not stage.per_video:
-            self._prepare(stage, sd)
-            summary = stage.run_whole(self.ctx, sd, ups)
-            sd.write_done({**summary, "finished": time.time(), "seconds": time.time() - t0})
-            report.state, report.computed, report.summary = "computed", 1, summary
-            report.seconds = time.time() - t0
-            return report
 
-        videos = stage.videos(self.ctx)
-        for u in ups:  # only videos every per-video upstream stage completed
-            if self.stages[u].per_video:
-                available = set(ups[u].complete_items())
-                videos = [v for v in videos if v.id in available]
-        todo = [v for v in videos if not sd.item_complete(v.id)]
-        report.cached = len(videos) - len(todo)
-        failures: list[dict[str, Any]] = []
-        if todo:
-            log.info("%s: %d of %d videos to compute", stage.name, len(todo), len(videos))
-            if stage.name == "extract":
-                self.ctx.ensure_data()
-            self._prepare(stage, sd)
-            for video in _progress(todo, stage.name, self.ctx.progress):
-                try:
-                    sd.drop_item(video.id)
-                    stage.process(self.ctx, video, sd, ups)
-                    report.computed += 1
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # one broken video never stops the others
-                    msg = f"{type(e).__name__}: {e}"
-                    log.error("%s: video %s failed: %s", stage.name, video.id, msg)
-                    log.debug("%s", traceback.format_exc())
-                    sd.drop_item(video.id)
-                    failures.append({"video": video.id, "path": video.path, "stage": stage.name, "error": msg, "time": time.time()})
-        sd.record_failures(failures)
-        report.failed = failures
-        report.seconds = time.time() - t0
-        if not failures and all(sd.item_complete(v.id) for v in videos):
-            expected = len(stage.videos(self.ctx))
-            sd.write_done({"videos": len(videos), "expected": expected, "finished": time.time()})
-            report.state = "computed" if report.computed else "done"
+    def _drop_corrupt(self, e: CorruptArtifact, current: StageDir) -> str | None:
+        """Remove the corrupt file ``e.path`` of another stage's cache (the whole item of a video)
+        and that stage's DONE marker, so that the next pass computes it again; returns the path,
+        or None when it is not an upstream artifact of this run."""
+        if e.path is None:
+            return None
+        cache = os.path.abspath(self.ctx.run_dir / "cache")
+        path = Path(os.path.abspath(e.path))
+        try:
+            rel = path.relative_to(cache)
+        except ValueError:
+            return None
+        owner = StageDir(Path(cache) / rel.parts[0] / rel.parts[1]) if len(rel.parts) >= 3 else None
+        if owner is None or owner.path == Path(os.path.abspath(current.path)):
+            return None
+        vid = owner.item_of(path)
+        if vid is not None:
+            owner.drop_item(vid)
         else:
-            report.state = "partial"
-        return report
+            path.unlink(missing_ok=True)
+        owner.done_marker.unlink(missing_ok=True)
+        log.warning("%s: corrupt cached artifact removed (%s); it is computed again", path, e)
+        return str(path)
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
         """Each stage's state (done / partial / stale / missing) and why, without running anything."""
         rows = []
         fps: dict[str, str] = {}
+        needed = set(self.closure([n for n in self.order if not self.stages[n].optional]))
         for name in self.order:
             stage = self.stages[name]
+            if name not in needed:
+                continue
             blocked = [u for u in self.upstream_of(stage.name) if u not in fps]
             if blocked:
                 root = self.stage_root(name)

@@ -70,6 +70,7 @@ class ExtractStage(Stage):
         "data.folder_fps",
     )
     manifest_columns = ("id", "path")
+    shard_by_frames = True  # under torchrun, balance ranks by frames: a video's cost grows with its length
 
     def __init__(self) -> None:
         self.extractor: Any = None

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from models import DETECTORS, ClipBank, FeatureBank
-from pipeline.cache import atomic_torch_save, atomic_write_text
-from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
+from pipeline.cache import atomic_torch_save, atomic_write_text, verified_torch_load
+from pipeline.runner import Context, CorruptArtifact, Stage, StageDir, StageError, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
     best: dict[str, Any] = {"step": None, "val_auc": None}
     start = 0
     ckpt_path = out.path / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = _load_checkpoint(ckpt_path, device)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], gen)
@@ -230,7 +230,10 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
 
     state = model.state_dict()
     if cfg.selection == "val" and best["step"] is not None:
-        state = torch.load(out.path / "best.pt", map_location=device, weights_only=True)
+        try:
+            state = verified_torch_load(out.path / "best.pt", map_location=device)
+        except ValueError as e:
+            raise CorruptArtifact(str(e), out.path / "best.pt") from e
     atomic_torch_save(
         out.path / "model.pt",
         {
@@ -254,6 +257,19 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
     }
 
 
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """The resumable checkpoint, or None to start from step 0 (none yet, or one that fails its
+    checksum or cannot be read: it is removed, never resumed from)."""
+    if not path.is_file():
+        return None
+    try:
+        return verified_torch_load(path, map_location=device)
+    except ValueError as e:
+        log.warning("train: %s; removed, training starts over from step 0", e)
+        path.unlink(missing_ok=True)
+        return None
+
+
 def _write_log(out: StageDir, rows: list[dict[str, float]]) -> None:
     """Rewrite ``train_log.csv`` (every loss term per step) atomically."""
     keys: list[str] = []
@@ -271,7 +287,10 @@ def load_detector(train_dir: StageDir, device: str = "cpu") -> torch.nn.Module:
     path = train_dir.path / "model.pt"
     if not path.is_file():
         raise StageError(f"{train_dir.path}: no trained detector (model.pt); run --stage train first")
-    saved = torch.load(path, map_location=device, weights_only=True)
+    try:
+        saved = verified_torch_load(path, map_location=device)
+    except ValueError as e:
+        raise CorruptArtifact(str(e), path) from e
     cls = DETECTORS.get_class(saved["method"])
     cfg = cls.Config()
     for k, v in saved["train_config"].items():
