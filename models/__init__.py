@@ -7,6 +7,7 @@ Registered names (``pipeline list`` prints them):
 - ``claws``: CLAWS Net, random batches + normalcy suppression + clustering distance loss (Zaheer et al., ECCV 2020).
 - ``ar_net``: Anomaly Regression Net, dynamic MIL + center loss on every clip (Wan et al., ICME 2020).
 - ``ng_mil``: Normality Guided MIL, prototype-refined top-k ranking (Park et al., WACV 2023).
+- ``mist``: Multiple Instance Self-Training, pseudo-label generator + encoder fine-tuning (Feng et al., CVPR 2021).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from . import rtfm  # noqa: E402,F401
 from . import claws  # noqa: E402,F401
 from . import arnet  # noqa: E402,F401
 from . import ngmil  # noqa: E402,F401
+from . import mist  # noqa: E402,F401
 
 __all__ = [
     "DETECTORS", "ClipBank", "Detector", "FeatureBank", "MILBatch", "TrainConfig", "fit", "length_mask", "pad_clip_batch",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -260,6 +260,15 @@ class Detector(nn.Module):
     #: for thousands of steps on datasets like UCF-Crime; each detector says why its entries differ.
     short_schedule: ClassVar[dict[str, object]] = {}
     registry_name: ClassVar[str]
+    #: a detector whose training is a chain of its own stages (MIST) names the runner stages its
+    #: train stage reads and implements :meth:`run_train`; None: the generic loop of
+    #: ``stages/train.py`` on the segment or extract features (``training_level``)
+    train_inputs: ClassVar[tuple[str, ...] | None] = None
+    #: the stage whose clip features the evaluate stage scores (MIST: its re-extracted features)
+    feature_stage: ClassVar[str] = "extract"
+    #: the stages the evaluate stage reads; None: the feature stage (and segment for segment-level
+    #: detectors) and train
+    eval_inputs: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, feature_dim: int, cfg: TrainConfig) -> None:
         super().__init__()
@@ -274,6 +283,13 @@ class Detector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly scores. ``x``: ``[B, S, D]`` float32 -> ``[B, S]`` float32 in [0, 1]."""
         raise NotImplementedError
+
+    @classmethod
+    def run_train(cls, ctx: Any, out: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The train stage's work for detectors with :attr:`train_inputs` (a Context, the stage's
+        StageDir, the upstream StageDirs); returns the DONE summary. Must write ``model.pt`` as
+        ``stages.train.train_detector`` does, so that evaluation loads it the same way."""
+        raise NotImplementedError(f"{cls.__name__} trains with the generic loop")
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
         """Loss terms for one batch; key ``"total"`` is what is minimised."""

@@ -70,6 +70,13 @@ class ExtractConfig:
         "read published features instead of computing them (stages/feature_import.py); '' = compute",
     )
     import_root: str = opt("", "folder holding the features to import (searched recursively)")
+    encoder: str = opt(
+        "",
+        "a MIST fine-tuned encoder (encoder.pt of a --method mist run's train stage): features become E_SGA's "
+        "attended clip features; its sha256 (not the path) enters the cache key, so the pretrained features "
+        "stay cached; '' = the backbone's own features",
+        key=False,
+    )
     target_fps: float = opt(
         0.0,
         "resample to this frame rate before cutting clips, by nearest-frame index selection (output frame j "

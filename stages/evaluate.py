@@ -89,13 +89,18 @@ class EvaluateStage(Stage):
         """Clip-level detectors score extract's clips and need no segments."""
         from models import DETECTORS
 
-        level = DETECTORS.get_class(cfg.train.method).input_level
-        return self.upstream if level == "segments" else ("extract", "train")
+        cls = DETECTORS.get_class(cfg.train.method)
+        if cls.eval_inputs is not None:
+            return cls.eval_inputs
+        return self.upstream if cls.input_level == "segments" else ("extract", "train")
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
+        from models import DETECTORS
+
         device = resolve_device(ctx.cfg.train.device)
         model = load_detector(inputs["train"], device)
-        done = set(inputs["extract"].complete_items())
+        features = inputs[DETECTORS.get_class(ctx.cfg.train.method).feature_stage]  # extract's, or re-extracted
+        done = set(features.complete_items())
         if "segment" in inputs:
             done &= set(inputs["segment"].complete_items())
         tests = [v for v in ctx.manifest.split("test") if v.id in done]
@@ -106,7 +111,7 @@ class EvaluateStage(Stage):
         snippets: list[VideoScores] = []  # clip level, for NG-MIL's top-k precision
         warnings: list[str] = []
         for v in tests:
-            ext = inputs["extract"].load_item(v.id)
+            ext = features.load_item(v.id)
             seg = inputs["segment"].load_item(v.id) if "segment" in inputs else None
             scores, covered = score_video(model, ext, seg, device)
             n = len(scores)

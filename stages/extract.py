@@ -95,7 +95,10 @@ class ExtractStage(Stage):
         from extractors import EXTRACTORS
 
         cls = EXTRACTORS.get_class(ctx.cfg.extract.backbone)
-        return {"weights_sha256": cls.expected_checksum(ctx.cfg.extract.weights or None)}
+        out = {"weights_sha256": cls.expected_checksum(ctx.cfg.extract.weights or None)}
+        if ctx.cfg.extract.encoder:  # MIST's fine-tuned encoder: new features under a new key
+            out["encoder_sha256"] = encoder_checksum(ctx.cfg.extract.encoder)
+        return out
 
     def prepare(self, ctx: Context, out: StageDir) -> None:
         cfg = ctx.cfg.extract
@@ -115,6 +118,10 @@ class ExtractStage(Stage):
             except ValueError as exc:
                 raise StageError(str(exc)) from None
             self.extractor = EXTRACTORS.get(cfg.backbone, weights=cfg.weights or None, device=device)
+            if cfg.encoder:
+                from extractors.sga import SGAExtractor
+
+                self.extractor = SGAExtractor(self.extractor, cfg.encoder)
 
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.importer is not None:
@@ -122,6 +129,16 @@ class ExtractStage(Stage):
         else:
             feats, meta = extract_video(ctx, self.extractor, ctx.manifest.resolve(video))
         out.save_item(video.id, {"features": feats}, meta)
+
+
+def encoder_checksum(path: str) -> str:
+    """sha256 of a fine-tuned encoder file (``extract.encoder``); a missing file is a StageError."""
+    from pipeline.cache import sha256_file
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise StageError(f"extract: {p}: encoder file not found (extract.encoder)")
+    return sha256_file(p)
 
 
 def _settings(ctx_or_cfg: Any) -> Any:

@@ -126,14 +126,20 @@ class TrainStage(Stage):
     per_video = False
 
     def upstream_for(self, cfg: Any) -> tuple[str, ...]:
-        """Segment-level detectors train on the segment stage's bags, clip-level ones on extract's clips."""
-        level = DETECTORS.get_class(cfg.train.method).training_level()
-        return ("segment",) if level == "segments" else ("extract",)
+        """Segment-level detectors train on the segment stage's bags, clip-level ones on extract's
+        clips; a detector with its own chain (MIST) names its inputs (``Detector.train_inputs``)."""
+        cls = DETECTORS.get_class(cfg.train.method)
+        if cls.train_inputs is not None:
+            return cls.train_inputs
+        return ("segment",) if cls.training_level() == "segments" else ("extract",)
 
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:
         return {"detector_version": DETECTORS.get_class(ctx.cfg.train.method).version}
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
+        cls = DETECTORS.get_class(ctx.cfg.train.method)
+        if cls.train_inputs is not None:
+            return cls.run_train(ctx, out, inputs)
         return train_detector(ctx, out, inputs)
 
 
