@@ -219,12 +219,15 @@ class InceptionI3d(nn.Module):
         num_classes: size of the logits layer (400 for Kinetics-400).
         dropout_keep_prob: keep probability of the dropout before the logits (active only in
             training mode; DeepMind evaluates with 1.0).
+        in_channels: 3 for the RGB stream, 2 for the flow stream (``(dx, dy)`` in [-1, 1],
+            :mod:`extractors.flow`); only the first convolution differs.
     """
 
-    def __init__(self, num_classes: int = 400, dropout_keep_prob: float = 1.0) -> None:
+    def __init__(self, num_classes: int = 400, dropout_keep_prob: float = 1.0, in_channels: int = 3) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.Conv3d_1a_7x7 = Unit3D(3, 64, kernel=(7, 7, 7), stride=(2, 2, 2))
+        self.in_channels = in_channels
+        self.Conv3d_1a_7x7 = Unit3D(in_channels, 64, kernel=(7, 7, 7), stride=(2, 2, 2))
         self.MaxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
         self.Conv3d_2b_1x1 = Unit3D(64, 64)
         self.Conv3d_2c_3x3 = Unit3D(64, 192, kernel=(3, 3, 3))
@@ -265,8 +268,8 @@ class InceptionI3d(nn.Module):
             ``[N, 1024, ceil(T/8), ceil(H/32), ceil(W/32)]`` float32, non-negative (after ReLU);
             ``[N, 1024, 2, 7, 7]`` for a 16x224x224 clip.
         """
-        if x.dim() != 5 or x.shape[1] != 3:
-            raise ValueError(f"InceptionI3d expects [N, 3, T, H, W] RGB clips, got shape {tuple(x.shape)}")
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"InceptionI3d expects [N, {self.in_channels}, T, H, W] clips, got shape {tuple(x.shape)}")
         for name in self._trunk:
             x = getattr(self, name)(x)
         return x

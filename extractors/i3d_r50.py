@@ -190,8 +190,9 @@ def i3d_r50_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[N, 2048]`` float32, non-negative (res5 is after a ReLU); ``head.proj`` of it gives the logits.
     """
-    if x.dim() != 5 or x.shape[1] != 3:
-        raise ValueError(f"ResNet-50 I3D expects [N, 3, T, H, W] RGB clips, got shape {tuple(x.shape)}")
+    channels = model.blocks[0].conv.in_channels  # 3 (RGB), 2 for the flow stream (extractors.flow)
+    if x.dim() != 5 or x.shape[1] != channels:
+        raise ValueError(f"ResNet-50 I3D expects [N, {channels}, T, H, W] clips, got shape {tuple(x.shape)}")
     *trunk, head = model.blocks
     for block in trunk:
         x = block(x)
