@@ -155,7 +155,7 @@ def decode_clips(path: Any, starts: list[int], clip_len: int, folder_fps: float)
             if start + len(frames) >= last:
                 break
     if out is None:
-        raise VideoDecodeError(f"{path}: no frame decoded at {starts}")
+        raise VideoDecodeError(f"{path}: no frame decoded; clips at frames {starts} are past the video's end")
     for i in range(len(starts)):  # pad past the end with the last real frame
         real = np.flatnonzero(filled[i])
         if not len(real):
