@@ -22,5 +22,6 @@ EXTRACTORS: Registry[ClipExtractor] = Registry("extractor")
 from . import i3d_inception  # noqa: E402,F401
 from . import i3d_r50  # noqa: E402,F401
 from . import c3d  # noqa: E402,F401
+from . import flow  # noqa: E402,F401  (the flow streams: i3d_inception_flow, resnet50_i3d_flow)
 
 __all__ = ["EXTRACTORS", "ClipExtractor"]

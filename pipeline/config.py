@@ -112,10 +112,24 @@ class ExtractConfig:
         key=False,
     )
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]'", key=False)
+    modality: str = choice(
+        "rgb",
+        ("rgb", "flow", "rgb+flow"),
+        "I3D stream(s): rgb; flow (TV-L1 flow through the backbone's flow stream, `<backbone>_flow`, after "
+        "the flow stage); rgb+flow = both features concatenated per clip and crop (1024+1024 = 2048-D for "
+        "Inception-I3D, AR-Net's input; PROTOCOLS.md)",
+    )
+    flow_weights: str = opt(
+        "",
+        "local weights file of the flow stream (a state dict; extractors/flow.py); its sha256 enters the cache key",
+        key=False,
+    )
 
     def validate(self) -> None:
         if self.clip_len < 1:
             raise ValueError("clip_len must be >= 1")
+        if self.modality != "rgb" and self.target_fps > 0:
+            raise ValueError("modality with flow needs target_fps=0: flow is computed at the video's own frame rate")
         if not self.target_fps >= 0:
             raise ValueError("target_fps must be >= 0 (0 = the video's own frame rate)")
         if self.batch_clips < 1 or self.chunk_frames < 1:
@@ -124,6 +138,53 @@ class ExtractConfig:
             raise ValueError("prefetch_batches must be >= 0 (0 = decode in the calling thread)")
         if self.import_format and not self.import_root:
             raise ValueError("import_format needs import_root (the folder holding the feature files)")
+
+
+@dataclass
+class FlowConfig:
+    """TV-L1 optical flow for the flow stream (stages/flow.py; runs when extract.modality has flow).
+
+    Solver defaults are OpenCV's ``DualTVL1OpticalFlow`` (opencv_contrib ``tvl1flow.cpp``), the TV-L1
+    of Zach, Pock, Bischof 2007 as Sanchez et al. (IPOL 2013) describe it; I3D used TV-L1 flow
+    (Carreira & Zisserman 2017, Sec. 3).
+    """
+
+    method: str = choice(
+        "tvl1_torch",
+        ("tvl1_torch", "tvl1_opencv"),
+        "tvl1_torch: PyTorch TV-L1 (extractors/tvl1.py), batched, CPU or GPU; tvl1_opencv: OpenCV's (CPU)",
+    )
+    tau: float = opt(0.25, "dual time step (OpenCV default)")
+    lambda_: float = opt(0.15, "data-term weight (OpenCV default)")
+    theta: float = opt(0.3, "u-v coupling (OpenCV default)")
+    nscales: int = opt(5, "pyramid levels (OpenCV default)")
+    warps: int = opt(5, "warps per level (OpenCV default)")
+    epsilon: float = opt(0.01, "stopping threshold (OpenCV default)")
+    inner_iterations: int = opt(30, "inner iterations per outer one (OpenCV default)")
+    outer_iterations: int = opt(10, "outer iterations per warp (OpenCV default)")
+    scale_step: float = opt(0.8, "pyramid scale factor (OpenCV default)")
+    median_filtering: int = opt(5, "median filter size applied to the flow (OpenCV default)")
+    short_side: int = opt(256, "stored flow is resized (vectors scaled) to this short side, the RGB path's resize (I3D)")
+    storage: str = choice(
+        "uint8",
+        ("uint8", "float16"),
+        "stored flow: uint8 over [-20, 20] (denseflow's convention, error <= 0.078 px) or float16 (<= 0.008 px)",
+    )
+    batch_pairs: int = opt(8, "frame pairs solved together by tvl1_torch", key=False)
+    chunk_frames: int = opt(64, "frames decoded at a time (bounds memory)", key=False)
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]' (tvl1_torch)", key=False)
+
+    def validate(self) -> None:
+        if self.batch_pairs < 1 or self.chunk_frames < 1 or self.short_side < 1:
+            raise ValueError("batch_pairs, chunk_frames and short_side must be >= 1")
+        if min(self.nscales, self.warps, self.inner_iterations, self.outer_iterations) < 1:
+            raise ValueError("nscales, warps, inner_iterations and outer_iterations must be >= 1")
+        if not 0 < self.scale_step < 1:
+            raise ValueError(f"scale_step must be in (0, 1), got {self.scale_step}")
+        if not (self.tau > 0 and self.lambda_ > 0 and self.theta > 0 and self.epsilon >= 0):
+            raise ValueError("tau, lambda_ and theta must be > 0 and epsilon >= 0")
+        if self.median_filtering > 1 and self.median_filtering % 2 == 0:
+            raise ValueError(f"median_filtering must be odd (or 0/1 = none), got {self.median_filtering}")
 
 
 @dataclass
@@ -152,6 +213,7 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     train: Any = None
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -170,7 +232,7 @@ class RunConfig:
 
 
 DEFAULT_METHOD = "sultani_mil"
-SECTIONS = ("data", "extract", "segment", "train", "evaluate")
+SECTIONS = ("data", "extract", "flow", "segment", "train", "evaluate")
 
 
 def train_config_class(method: str) -> type:
