@@ -60,6 +60,13 @@ class MistConfig(TrainConfig):
     batch_normal: int = opt(20, "normal videos per stage I batch (PROTOCOLS.md: batch 40 = 20 + 20)")
     hidden: tuple[int, ...] = opt((512, 32), "G's hidden FC sizes (Sultani's generator, Sec. 4.2; MIST's G follows it)")
     dropout: float = opt(0.6, "dropout in G (Sultani Sec. 4.2)")
+    feature_norm: str = choice(
+        "l2",
+        ("l2", "none"),
+        "G's input: each clip feature L2-normalised (as the Sultani features G was designed for; raw I3D "
+        "features, of norm 20-60, saturate G's sigmoid within a few Adagrad steps at lr 0.01, and a "
+        "saturated G gives no pseudo-labels), or raw. Not stated by MIST; a choice",
+    )
     sub_bags: int = opt(32, "L, sub-bags per video (PROTOCOLS.md: 32 x 7 sub-bags)")
     sub_bag_len: int = opt(7, "T, clips per sub-bag (PROTOCOLS.md: 32 x 7 sub-bags)")
     topk: int = opt(
@@ -237,6 +244,12 @@ class MIST(Detector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool(self.use_head):
             return torch.softmax(F.linear(x, self.head_weight, self.head_bias), dim=-1)[..., 1]
+        return self.generate(x)
+
+    def generate(self, x: torch.Tensor) -> torch.Tensor:
+        """G's clip scores: ``[..., D]`` -> ``[...]`` in (0, 1) (input normalised per ``feature_norm``)."""
+        if self.cfg.feature_norm == "l2":
+            x = F.normalize(x, dim=-1)
         return torch.sigmoid(self.generator(x)).squeeze(-1)
 
     def set_head(self, head: nn.Linear) -> None:
@@ -272,8 +285,8 @@ class MIST(Detector):
         """Sub-bag score S_l = mean of G's scores of its T clips; then :func:`mist_mil_loss`, pairing
         anomalous and normal videos row by row (the shorter side repeats)."""
         shape = (-1, self.cfg.sub_bags, self.cfg.sub_bag_len)
-        sa = torch.sigmoid(self.generator(batch.abnormal)).view(shape).mean(-1)  # [Ba, L]
-        sn = torch.sigmoid(self.generator(batch.normal)).view(shape).mean(-1)
+        sa = self.generate(batch.abnormal).view(shape).mean(-1)  # [Ba, L]
+        sn = self.generate(batch.normal).view(shape).mean(-1)
         b = max(len(sa), len(sn))
         sa, sn = sa.repeat((b + len(sa) - 1) // len(sa), 1)[:b], sn.repeat((b + len(sn) - 1) // len(sn), 1)[:b]
         return mist_mil_loss(sa, sn, self.cfg.margin, self.cfg.lambda_sparse, self.cfg.topk)
