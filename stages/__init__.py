@@ -13,12 +13,13 @@ def all_stages() -> list[Stage]:
     """Fresh instances of every stage, in dependency order."""
     from .evaluate import EvaluateStage
     from .extract import ExtractStage
+    from .flow import FlowStage
     from .mist import mist_stages
     from .segment import SegmentStage
     from .train import TrainStage
 
     generator, pseudo, reextract, explain = mist_stages()  # optional: run only for --method mist
-    return [ExtractStage(), SegmentStage(), generator, pseudo, TrainStage(), reextract, explain, EvaluateStage()]
+    return [FlowStage(), ExtractStage(), SegmentStage(), generator, pseudo, TrainStage(), reextract, explain, EvaluateStage()]
 
 
 STAGE_NAMES = ("extract", "segment", "train", "evaluate")

@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 
 #: settings added after the first version of this stage whose defaults reproduce its features
 #: exactly; at these values they are left out of the cache key, so earlier feature caches stay valid
-_NEUTRAL_DEFAULTS = {"extract.target_fps": 0.0, "extract.precision": "fp32", "extract.feature_dtype": "float32"}
+_NEUTRAL_DEFAULTS = {
+    "extract.target_fps": 0.0, "extract.precision": "fp32", "extract.feature_dtype": "float32", "extract.modality": "rgb",
+}
 
 
 class ExtractStage(Stage):
@@ -67,6 +69,7 @@ class ExtractStage(Stage):
         "extract.target_fps",
         "extract.precision",
         "extract.feature_dtype",
+        "extract.modality",
         "data.folder_fps",
     )
     manifest_columns = ("id", "path")
@@ -75,6 +78,11 @@ class ExtractStage(Stage):
     def __init__(self) -> None:
         self.extractor: Any = None
         self.importer: Any = None
+        self.flow_extractor: Any = None
+
+    def upstream_for(self, cfg: Any) -> tuple[str, ...]:
+        """The flow stage when ``extract.modality`` includes flow (stages/flow.py)."""
+        return ("flow",) if cfg.extract.modality != "rgb" and not cfg.extract.import_format else ()
 
     def config_inputs(self, cfg: Any) -> dict[str, Any]:
         if cfg.extract.import_format:  # imported features depend only on where they come from
@@ -95,7 +103,13 @@ class ExtractStage(Stage):
         from extractors import EXTRACTORS
 
         cls = EXTRACTORS.get_class(ctx.cfg.extract.backbone)
-        out = {"weights_sha256": cls.expected_checksum(ctx.cfg.extract.weights or None)}
+        out = {}
+        if ctx.cfg.extract.modality != "flow":
+            out["weights_sha256"] = cls.expected_checksum(ctx.cfg.extract.weights or None)
+        if ctx.cfg.extract.modality != "rgb":
+            from stages.flow import flow_weights_checksum
+
+            out["flow_weights_sha256"] = flow_weights_checksum(ctx.cfg.extract)
         if ctx.cfg.extract.encoder:  # MIST's fine-tuned encoder: new features under a new key
             out["encoder_sha256"] = encoder_checksum(ctx.cfg.extract.encoder)
         return out
@@ -117,6 +131,13 @@ class ExtractStage(Stage):
                 _autocast(torch.device(device), cfg.precision)
             except ValueError as exc:
                 raise StageError(str(exc)) from None
+            if cfg.modality != "rgb":  # the flow stream (stages/flow.py)
+                from stages.flow import build_flow_extractor
+
+                self.flow_extractor = build_flow_extractor(cfg, device)
+                if cfg.modality == "flow":
+                    self.extractor = self.flow_extractor  # no RGB network to load
+                    return
             self.extractor = EXTRACTORS.get(cfg.backbone, weights=cfg.weights or None, device=device)
             if cfg.encoder:
                 from extractors.sga import SGAExtractor
@@ -126,6 +147,10 @@ class ExtractStage(Stage):
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.importer is not None:
             feats, meta = self.importer.load(video, ctx.manifest.resolve(video))
+        elif ctx.cfg.extract.modality != "rgb":
+            from stages.flow import extract_with_flow
+
+            feats, meta = extract_with_flow(ctx, self.extractor, self.flow_extractor, video, inputs["flow"])
         else:
             feats, meta = extract_video(ctx, self.extractor, ctx.manifest.resolve(video))
         out.save_item(video.id, {"features": feats}, meta)

@@ -1,0 +1,319 @@
+"""Flow stage: TV-L1 optical flow per video, cached, for the I3D flow stream (``extract.modality``).
+
+Why a stage of its own, upstream of extract (rather than flow computed inside extract): TV-L1 is by
+far the most expensive step of a flow pipeline (OpenCV's CPU TV-L1 runs at about 2 frame pairs/s at
+320x240 here), and its result depends only on the videos and the TV-L1 settings (``flow.*``), not
+on the network, crops or precision. Cached under its own key, it is computed once and reused when
+the crops, the backbone, the flow-stream weights or the modality change; a killed run resumes video
+by video like every stage. The stage runs only when ``extract.modality`` includes flow (it is
+``optional``; extract names it upstream then).
+
+Per video it stores ``flow`` ``[N - 1, h, w, 2]`` for N decoded frames: flow ``t`` maps frame ``t``
+to frame ``t + 1`` (pixels, ``(dx, dy)``), resized with its vectors scaled to the RGB path's size
+(short side ``flow.short_side`` = 256, :func:`extractors.flow.resize_flow`) and quantised
+(``flow.storage``: uint8 over [-20, 20], denseflow's convention, or float16; the network clips at
++-20 anyway). A 320x240 video stores 341x256x2 bytes = 175 kB per frame in uint8 (float16 twice
+that); UCF-Crime's 13.8 M frames would take about 2.4 TB in uint8. The array is written chunk by
+chunk (``flow.chunk_frames`` frames decoded at a time) into a temporary ``.npy`` that is renamed
+into place, so memory does not grow with the video's length and a killed write leaves nothing.
+
+Clip alignment (used by the extract stage, :func:`flow_clip_indices`): clip i covers frames
+``[16 i, 16 i + 16)`` as for RGB, and its flow clip is the 16 flow fields ``16 i .. 16 i + 15``,
+i.e. the flow between consecutive frames of ``16 i .. 16 i + 16`` (17 frames), the convention of
+the feature extractors the WS-VAD flow features come from (I3D's flow input has one field per RGB
+frame; v-iashin/video_features stacks 16 + 1 frames per flow clip). The video's last frame has no
+successor: where a clip would need flow ``N - 1`` the last field ``N - 2`` is repeated, and a padded
+partial clip (``extract.partial_clip=pad``) repeats its last real field as the RGB clip repeats its
+last frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.cache import atomic_path, atomic_write_json
+from pipeline.manifest import VideoRecord
+from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: bytes reserved for a streamed ``.npy`` header (the shape is only known at the end)
+_NPY_HEADER_BYTES = 128
+
+
+class FlowStage(Stage):
+    name = "flow"
+    version = 1
+    reads = ("flow", "data.folder_fps")
+    manifest_columns = ("id", "path")
+    optional = True  # runs when extract reads it (extract.modality with flow)
+
+    def __init__(self) -> None:
+        self.method: Any = None
+
+    def prepare(self, ctx: Context, out: StageDir) -> None:
+        ctx.ensure_data()
+        if self.method is None:
+            from extractors.flow import flow_params_from_config, get_flow_method
+
+            cfg = ctx.cfg.flow
+            self.method = get_flow_method(
+                cfg.method, flow_params_from_config(cfg), resolve_device(cfg.device), cfg.batch_pairs
+            )
+
+    def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
+        compute_video_flow(ctx, self.method, ctx.manifest.resolve(video), out, video.id)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing: a video's flow, streamed into one .npy
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 ``.npy`` header of exactly :data:`_NPY_HEADER_BYTES` bytes."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    body_len = _NPY_HEADER_BYTES - 10
+    if len(text) + 1 > body_len:
+        raise ValueError(f"shape {shape} does not fit a {_NPY_HEADER_BYTES}-byte .npy header")
+    body = text.ljust(body_len - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def write_streamed_npy(dest: Path, frame_shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> dict[str, Any]:
+    """Write ``blocks`` (each ``[n, *frame_shape]`` of ``dtype``) as one ``.npy`` array along axis 0,
+    atomically (temporary file renamed into place); returns the ``_files`` entry (file, sha256, size).
+    Memory holds one block at a time."""
+    dtype = np.dtype(dtype)
+    n = 0
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(_npy_header(dtype, (0, *frame_shape)))
+            for block in blocks:
+                if block.shape[1:] != tuple(frame_shape) or block.dtype != dtype:
+                    raise ValueError(f"{dest.name}: block {block.dtype} {block.shape} does not fit {dtype} {frame_shape}")
+                fh.write(np.ascontiguousarray(block).tobytes())
+                n += len(block)
+            fh.seek(0)
+            fh.write(_npy_header(dtype, (n, *frame_shape)))
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        size = os.path.getsize(tmp)
+    return {"file": dest.name, "sha256": digest.hexdigest(), "size": size, "frames": n}
+
+
+def compute_video_flow(ctx: Any, method: Any, path: Any, out: StageDir, vid: str) -> dict[str, Any]:
+    """Decode ``path`` in chunks, compute TV-L1 between consecutive frames, store the flow item of
+    ``vid`` (see the module docstring); returns its metadata.
+
+    Raises:
+        VideoDecodeError: unreadable video, skipped frames, or fewer than 2 frames.
+    """
+    from extractors.flow import iter_flow, network_size, quantize_flow, resize_flow
+    from pipeline.video import VideoDecodeError, open_video
+
+    cfg = ctx.cfg.flow
+    src = open_video(path, folder_fps=ctx.cfg.data.folder_fps)
+    size = network_size(src.height, src.width, cfg.short_side)
+    store = np.dtype(cfg.storage)
+    decoded = {"frames": 0}
+    t0 = time.perf_counter()
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start, frames in src.iter_chunks(cfg.chunk_frames):
+            if start != decoded["frames"]:
+                raise VideoDecodeError(f"{path}: decoder skipped frames {decoded['frames']}..{start - 1}")
+            decoded["frames"] += len(frames)
+            yield frames
+
+    def blocks() -> Iterator[np.ndarray]:
+        for flow in iter_flow(chunks(), method):
+            yield quantize_flow(resize_flow(torch.from_numpy(flow), size), cfg.storage)
+
+    try:
+        entry = write_streamed_npy(out.items / f"{vid}.flow.npy", (*size, 2), store, blocks())
+    finally:
+        src.close()
+    if decoded["frames"] < 2:
+        out.drop_item(vid)
+        raise VideoDecodeError(f"{path}: {decoded['frames']} frame(s); optical flow needs at least 2")
+    seconds = time.perf_counter() - t0
+    meta = {
+        "n_frames": decoded["frames"],
+        "fps": src.fps,
+        "height": src.height,
+        "width": src.width,
+        "flow_height": size[0],
+        "flow_width": size[1],
+        "storage": cfg.storage,
+        "method": cfg.method,
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round((decoded["frames"] - 1) / max(seconds, 1e-9), 3),
+    }
+    atomic_write_json(out.item_meta_path(vid), {**meta, "_files": {"flow": entry}})
+    return meta
+
+
+def load_flow(flow_dir: StageDir, vid: str) -> tuple[dict[str, Any], np.ndarray]:
+    """A cached flow item: metadata and the stored array, memory-mapped ``[N - 1, h, w, 2]``
+    (uint8 or float16; :func:`extractors.flow.dequantize_flow` gives pixels). Its size is checked
+    against the record; the sha256 is not re-read (that would read the whole file)."""
+    from pipeline.runner import CorruptArtifact
+
+    meta = flow_dir.load_meta(vid)
+    try:
+        entry = meta["_files"]["flow"]
+        path = flow_dir.items / entry["file"]
+        if path.stat().st_size != entry["size"]:
+            raise CorruptArtifact(f"{path}: size differs from the one recorded at write time", path)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptArtifact(f"{flow_dir.item_meta_path(vid)}: unreadable flow item ({e})", flow_dir.item_meta_path(vid)) from e
+    if arr.shape[0] != meta["n_frames"] - 1:
+        raise CorruptArtifact(f"{path}: {arr.shape[0]} flow fields for {meta['n_frames']} frames", path)
+    return meta, arr
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: flow clips through the flow stream (the extract stage, extract.modality)
+
+
+def clip_ranges(n_frames: int, clip_len: int, partial_clip: str) -> list[tuple[int, int]]:
+    """Clip i covers ``[i * clip_len, min((i + 1) * clip_len, n_frames))``; a trailing partial clip is
+    kept (``pad``) or dropped (``drop``), as the RGB path cuts them without resampling."""
+    out = []
+    for start in range(0, n_frames, clip_len):
+        end = min(start + clip_len, n_frames)
+        if end - start == clip_len or partial_clip == "pad":
+            out.append((start, end))
+    return out
+
+
+def flow_clip_indices(start: int, end: int, clip_len: int, n_flow: int) -> list[int]:
+    """Flow fields of the clip of frames ``[start, end)`` (module docstring): ``start .. start +
+    clip_len - 1``, each capped at the clip's last real frame ``end - 1`` (padding) and at the last
+    field ``n_flow - 1`` (the video's last frame has no successor)."""
+    return [min(t, end - 1, n_flow - 1) for t in range(start, start + clip_len)]
+
+
+def iter_flow_clip_features(
+    ctx: Any, extractor: Any, stored: np.ndarray, n_frames: int, where: str
+) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """``(clip range, features [C, D] float32)`` per clip of the stored flow, ``extract.batch_clips``
+    clips per forward pass; reads only the batch's flow fields from the memory map."""
+    from extractors.flow import dequantize_flow, preprocess_flow_clips
+    from stages.extract import _autocast
+
+    cfg = ctx.cfg.extract
+    device = torch.device(extractor.device)
+    ranges = clip_ranges(n_frames, cfg.clip_len, cfg.partial_clip)
+    if not ranges:
+        raise ValueError(f"{where}: {n_frames} frames is shorter than one {cfg.clip_len}-frame clip "
+                         f"(extract.partial_clip={cfg.partial_clip})")
+    with torch.inference_mode():
+        for b0 in range(0, len(ranges), cfg.batch_clips):
+            batch = ranges[b0 : b0 + cfg.batch_clips]
+            idx = np.array([flow_clip_indices(a, b, cfg.clip_len, len(stored)) for a, b in batch])
+            clips = dequantize_flow(np.asarray(stored[idx.reshape(-1)])).to(device)
+            clips = clips.view(len(batch), cfg.clip_len, *clips.shape[1:])
+            x = preprocess_flow_clips(clips, extractor.crop_size, cfg.crops, cfg.crop_order)
+            with _autocast(device, cfg.precision):
+                feats = extractor.features(x).float().cpu().numpy()
+            feats = feats.reshape(len(batch), -1, feats.shape[-1])
+            if not np.isfinite(feats).all():
+                raise ValueError(f"{where}: the flow stream produced non-finite features")
+            yield from zip(batch, feats)
+
+
+def build_flow_extractor(cfg: Any, device: str) -> Any:
+    """The flow stream of ``extract.backbone`` (``<backbone>_flow``) with ``extract.flow_weights``."""
+    from extractors import EXTRACTORS
+    from pipeline.registry import RegistryError
+
+    name = f"{cfg.backbone}_flow"
+    try:
+        return EXTRACTORS.get(name, weights=cfg.flow_weights or None, device=device)
+    except RegistryError:
+        raise StageError(f"extract: backbone {cfg.backbone!r} has no flow stream ({name!r} is not registered); "
+                         "extract.modality=rgb, or a backbone with one (i3d_inception, resnet50_i3d)") from None
+    except NotImplementedError as e:
+        raise StageError(f"extract: {e}") from None
+
+
+def flow_weights_checksum(cfg: Any) -> str:
+    """sha256 of the flow-stream weights a run will use (for the extract stage's key)."""
+    from extractors import EXTRACTORS
+    from pipeline.registry import RegistryError
+
+    try:
+        cls = EXTRACTORS.get_class(f"{cfg.backbone}_flow")
+        return cls.expected_checksum(cfg.flow_weights or None)
+    except RegistryError:
+        raise StageError(f"extract: backbone {cfg.backbone!r} has no flow stream; use extract.modality=rgb") from None
+    except NotImplementedError as e:
+        raise StageError(f"extract: {e}") from None
+
+
+def extract_with_flow(
+    ctx: Any, rgb_extractor: Any, flow_extractor: Any, video: VideoRecord, flow_dir: StageDir
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features of one video for ``extract.modality`` ``flow`` or ``rgb+flow``: ``[T, C, D]`` (D the
+    flow stream's, or RGB's + flow's concatenated per clip and crop, RGB first) and the extract
+    stage's metadata."""
+    from extractors.transforms import crop_names
+    from stages.extract import extract_video
+
+    cfg = ctx.cfg.extract
+    path = ctx.manifest.resolve(video)
+    flow_meta, stored = load_flow(flow_dir, video.id)
+    ranges, feats = [], []
+    for rng, f in iter_flow_clip_features(ctx, flow_extractor, stored, flow_meta["n_frames"], str(path)):
+        ranges.append(list(rng))
+        feats.append(f)
+    flow_feats = np.stack(feats)
+    if cfg.modality == "rgb+flow":
+        rgb_feats, meta = extract_video(ctx, rgb_extractor, path)
+        if meta["clip_ranges"] != ranges:
+            raise ValueError(f"{path}: RGB clips {len(meta['clip_ranges'])} and flow clips {len(ranges)} differ "
+                             f"(decoded {meta['n_frames']} frames now, {flow_meta['n_frames']} for the cached flow)")
+        out = np.concatenate([rgb_feats.astype(np.float32), flow_feats], axis=-1)
+        meta["extractor"] = f"{rgb_extractor.registry_name}+{flow_extractor.registry_name}"
+    else:
+        out = flow_feats
+        meta = {
+            "n_frames": flow_meta["n_frames"], "fps": flow_meta["fps"], "height": flow_meta["height"],
+            "width": flow_meta["width"], "clip_len": cfg.clip_len, "clip_ranges": ranges, "target_fps": None,
+            "clip_fps": flow_meta["fps"], "n_frames_resampled": flow_meta["n_frames"], "frame_selection": "all frames",
+            "crops": crop_names(cfg.crops, cfg.crop_order), "crop_setting": cfg.crops,
+            "extractor": flow_extractor.registry_name, "weights_sha256": flow_extractor.weights_checksum,
+            "precision": cfg.precision,
+        }
+    out = out.astype(cfg.feature_dtype)
+    meta.update(
+        modality=cfg.modality, flow_weights_sha256=flow_extractor.weights_checksum, flow_method=flow_meta["method"],
+        flow_storage=flow_meta["storage"], feature_dim=int(out.shape[-1]), feature_dtype=str(out.dtype),
+    )
+    return out, meta
+
+
+__all__ = [
+    "FlowStage",
+    "build_flow_extractor",
+    "clip_ranges",
+    "compute_video_flow",
+    "extract_with_flow",
+    "flow_clip_indices",
+    "flow_weights_checksum",
+    "iter_flow_clip_features",
+    "load_flow",
+    "write_streamed_npy",
+]
