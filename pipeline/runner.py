@@ -71,11 +71,13 @@ class CorruptArtifact(RuntimeError):
 
 
 class _Recompute(Exception):
-    """Corrupt upstream artifacts were dropped: run the stages again to compute them anew."""
+    """Corrupt upstream artifacts were dropped: run the stages again to compute them anew.
+    ``reports``: the stages this pass finished, whose counts the next pass's reports include."""
 
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], reports: "list[StageReport] | None" = None) -> None:
         super().__init__(", ".join(paths))
         self.paths = paths
+        self.reports = reports or []
 
 
 @dataclass
@@ -288,6 +290,8 @@ class StageReport:
     failed: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    #: corrupt upstream files this stage met and dropped (the runner then runs again)
+    recompute: list[str] = field(default_factory=list)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -378,6 +382,7 @@ class Runner:
         try:
             if self._main:
                 self._save_config()
+            earlier: dict[str, int] = {}  # videos computed by passes cut short by corrupt artifacts
             for attempt in range(CORRUPT_RETRIES + 1):
                 try:
                     reports, dirs = self._run_closure(targets, force if attempt == 0 else set())
@@ -386,6 +391,12 @@ class Runner:
                     if attempt == CORRUPT_RETRIES:
                         raise StageError(f"corrupt cached artifacts keep coming back: {', '.join(e.paths)}") from None
                     log.warning("recomputing %d corrupt cached artifact(s): %s", len(e.paths), ", ".join(e.paths))
+                    for r in e.reports:
+                        if self.stages[r.stage].per_video:
+                            earlier[r.stage] = earlier.get(r.stage, 0) + r.computed
+            for r in reports:
+                n = min(earlier.get(r.stage, 0), r.cached)
+                r.computed, r.cached = r.computed + n, r.cached - n
             if self._main:
                 self._write_latest(dirs)
             return reports
@@ -428,6 +439,8 @@ class Runner:
                 shutil.rmtree(sd.path)
             report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in self.upstream_of(name)})
             reports.append(report)
+            if report.recompute:
+                raise _Recompute(report.recompute, reports)
             dirs[name] = sd
             fps[name] = self.output_fingerprint(name, sd)
         return reports, dirs
@@ -490,8 +503,7 @@ class Runner:
         if self._dist_active:
             self.dist.barrier()  # the next stage starts from rank 0's DONE marker and failure list
         report.seconds = time.time() - t0
-        if corrupt:
-            raise _Recompute(corrupt)
+        report.recompute = corrupt
         return report
 
     def _plan(self, stage: Stage, sd: StageDir, inputs: dict[str, Any], ups: dict[str, StageDir]) -> dict[str, Any]:

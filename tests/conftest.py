@@ -102,51 +102,61 @@ def register_test_extractor() -> str:
     return "test_motion"
 
 
-#: A stand-in for ``python -m pipeline`` in subprocess tests (torchrun, kill -9): registers
-#: ``test_motion`` and, for the tests to observe and interrupt the work, wraps the extract stage
-#: and the optimiser step: WSVAD_TEST_EVENTS=FILE appends ``start|done <video> <rank>`` and
-#: ``step <rank>`` lines; WSVAD_TEST_KILL_AT=RANK:N makes that rank SIGKILL itself when its
-#: N-th video starts; WSVAD_TEST_SLOW=S sleeps S seconds per video and S/10 per training step.
-LAUNCHER = '''
-import os, signal, sys, time
+
+def install_test_hooks() -> None:
+    """Register ``test_motion`` and wrap the extract stage and the optimiser step, so that
+    subprocess tests (torchrun, kill -9) can observe and interrupt the work. Read from the
+    environment: WSVAD_TEST_EVENTS=FILE appends ``start|done <video> <rank>`` and ``step <rank>``
+    lines; WSVAD_TEST_KILL_AT=RANK:N makes that rank SIGKILL itself when its N-th video starts;
+    WSVAD_TEST_SLOW=S sleeps S seconds per video and S/10 per training step."""
+    import signal
+    import time
+
+    from stages.extract import ExtractStage
+
+    register_test_extractor()
+    events = os.environ.get("WSVAD_TEST_EVENTS")
+    rank = os.environ.get("RANK", "0")
+    kill_rank, _, kill_n = os.environ.get("WSVAD_TEST_KILL_AT", ":").partition(":")
+    slow = float(os.environ.get("WSVAD_TEST_SLOW", "0"))
+    started = [0]
+
+    def note(text: str) -> None:
+        if events:
+            with open(events, "a") as fh:
+                fh.write(text + "\n")
+
+    process = ExtractStage.process
+
+    def traced(self, ctx, video, out, inputs):
+        started[0] += 1
+        if kill_rank == rank and started[0] == int(kill_n):
+            os.kill(os.getpid(), signal.SIGKILL)
+        note(f"start {video.id} {rank}")
+        time.sleep(slow)
+        process(self, ctx, video, out, inputs)
+        note(f"done {video.id} {rank}")
+
+    step = torch.optim.Adagrad.step
+
+    def slow_step(self, *a, **k):
+        time.sleep(slow / 10)
+        note(f"step {rank}")
+        return step(self, *a, **k)
+
+    ExtractStage.process = traced
+    torch.optim.Adagrad.step = slow_step
+
+
+#: ``python -m pipeline`` with :func:`install_test_hooks`, for torchrun tests
+LAUNCHER = """
+import sys
 sys.path.insert(0, {tests!r})
-from conftest import register_test_extractor
-register_test_extractor()
-import torch
-from stages.extract import ExtractStage
-
-events = os.environ.get("WSVAD_TEST_EVENTS")
-rank = os.environ.get("RANK", "0")
-kill_rank, _, kill_n = os.environ.get("WSVAD_TEST_KILL_AT", ":").partition(":")
-slow = float(os.environ.get("WSVAD_TEST_SLOW", "0"))
-started = [0]
-
-def note(text):
-    if events:
-        with open(events, "a") as fh:
-            fh.write(text + "\\n")
-
-process = ExtractStage.process
-def traced(self, ctx, video, out, inputs):
-    started[0] += 1
-    if kill_rank == rank and started[0] == int(kill_n):
-        os.kill(os.getpid(), signal.SIGKILL)
-    note(f"start {{video.id}} {{rank}}")
-    time.sleep(slow)
-    process(self, ctx, video, out, inputs)
-    note(f"done {{video.id}} {{rank}}")
-ExtractStage.process = traced
-
-step = torch.optim.Adagrad.step
-def slow_step(self, *a, **k):
-    time.sleep(slow / 10)
-    note(f"step {{rank}}")
-    return step(self, *a, **k)
-torch.optim.Adagrad.step = slow_step
-
+from conftest import install_test_hooks
+install_test_hooks()
 from pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def write_launcher(folder: Path) -> Path:
