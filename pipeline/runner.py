@@ -70,6 +70,17 @@ class CorruptArtifact(RuntimeError):
         self.path = path
 
 
+def check_features(features: np.ndarray, where: Path | str, dim: int | None = None) -> None:
+    """Refuse features no detector may see: ``features`` ``[..., D]`` (any float dtype) whose ``D``
+    is not ``dim`` (when given), or with a NaN or infinite value. Raises ValueError naming ``where``
+    (the file or video)."""
+    if dim is not None and features.shape[-1] != dim:
+        raise ValueError(f"{where}: features are {features.shape[-1]}-D, expected {dim}-D")
+    bad = ~np.isfinite(features)
+    if bad.any():
+        raise ValueError(f"{where}: {int(bad.sum())} NaN or infinite feature values")
+
+
 class _Recompute(Exception):
     """Corrupt upstream artifacts were dropped: run the stages again to compute them anew.
     ``reports``: the stages this pass finished, whose counts the next pass's reports include."""
@@ -125,6 +136,10 @@ class StageDir:
 
     def item_meta_path(self, vid: str) -> Path:
         return self.items / f"{vid}.json"
+
+    def item_file(self, vid: str, name: str) -> Path:
+        """Where array ``name`` of video ``vid`` is stored."""
+        return self.items / f"{vid}.{name}.npy"
 
     def item_complete(self, vid: str) -> bool:
         """The item's marker exists and every data file it lists has the recorded size."""
@@ -579,6 +594,7 @@ class Runner:
         if sd.is_done():
             log.info("%s: up to date (%s)", stage.name, sd.path)
             report.summary = json.loads(sd.done_marker.read_text())
+            report.failed = report.summary.get("failures", [])
             return report
         self._open_stage_dir(sd, inputs)
         self._prepare(stage, sd)
@@ -593,6 +609,7 @@ class Runner:
             raise StageError(f"{stage.name}: {e}") from e
         sd.write_done({**summary, "finished": time.time(), "seconds": time.time() - t0})
         report.state, report.computed, report.summary = "computed", 1, summary
+        report.failed = summary.get("failures", [])  # videos a whole-run stage had to leave out
         report.seconds = time.time() - t0
         return report
 

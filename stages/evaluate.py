@@ -18,7 +18,7 @@ import torch
 
 from pipeline.cache import atomic_save_npy, atomic_write_json
 from pipeline.metrics import VideoScores, frame_metrics, snippet_level
-from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
+from pipeline.runner import Context, Stage, StageDir, StageError, check_features, resolve_device
 
 from .train import load_detector
 
@@ -110,20 +110,29 @@ class EvaluateStage(Stage):
         results: list[VideoScores] = []
         snippets: list[VideoScores] = []  # clip level, for NG-MIL's top-k precision
         warnings: list[str] = []
+        failures: list[dict[str, Any]] = []  # videos left out of the metrics, with the reason
         for v in tests:
             ext = features.load_item(v.id)
             seg = inputs["segment"].load_item(v.id) if "segment" in inputs else None
+            try:
+                _check_test_video(ctx, v, model, ext, seg, features if seg is None else inputs["segment"])
+            except ValueError as e:
+                log.error("evaluate: video %s left out: %s", v.id, e)
+                failures.append({"video": v.id, "path": v.path, "stage": "evaluate", "error": str(e)})
+                warnings.append(f"{v.id}: left out of the metrics: {e}")
+                continue
             scores, covered = score_video(model, ext, seg, device)
             n = len(scores)
-            if any(e > n for _, e in v.intervals):
-                warnings.append(f"{v.id}: an anomaly interval ends after the video's {n} frames")
             gt = np.asarray(v.frame_labels(n), np.uint8)
             atomic_save_npy(out.items / f"{v.id}.scores.npy", np.where(covered, scores, np.nan).astype(np.float32))
             results.append(VideoScores(v.id, scores[covered], gt[covered], v.label, v.cls))
             clip_scores, clip_gt = snippet_level(scores, gt, ext[0]["clip_ranges"])
             snippets.append(VideoScores(v.id, clip_scores, clip_gt, v.label, v.cls))
+        if not results:
+            raise StageError("no test video could be evaluated: " + "; ".join(f["error"] for f in failures))
         metrics = frame_metrics(results, ctx.cfg.evaluate.far_threshold, snippets=snippets)
         metrics["missing_test_videos"] = missing
+        metrics["failed_videos"] = failures
         metrics["warnings"] = warnings
         metrics["config"] = ctx.cfg.to_dict()
         metrics["cache_keys"] = {n: d.path.name for n, d in inputs.items()}
@@ -139,6 +148,22 @@ class EvaluateStage(Stage):
             "far": metrics["far"],
             "report": str(out.path / "report.html"),
             "metrics": str(out.path / "metrics.json"),
+            "failures": failures,
         }
+
+
+def _check_test_video(ctx: Context, v: Any, model: torch.nn.Module, ext: tuple[dict, dict],
+                      seg: tuple[dict, dict] | None, src: StageDir) -> None:
+    """Refuse a test video the metrics must not include, with a ValueError naming its file: units
+    (segments or clips) of another width than the detector's, NaN/inf values, or an anomaly
+    interval past the video's last frame (ground truth and video disagree)."""
+    name = "segments" if seg is not None else "features"
+    units = (seg if seg is not None else ext)[1][name]
+    check_features(units, src.item_file(v.id, name), getattr(model, "feature_dim", None))
+    n = int(ext[0]["n_frames"])
+    for s, e in v.intervals:
+        if e > n:
+            raise ValueError(f"{ctx.manifest.source}: video {v.id} ({ctx.manifest.resolve(v)}): anomaly interval "
+                             f"{s}-{e} ends after the video's {n} frames")
 
 

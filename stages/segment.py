@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.manifest import VideoRecord
-from pipeline.runner import Context, Stage, StageDir
+from pipeline.runner import Context, Stage, StageDir, check_features
 
 
 def segment_bins(n_clips: int, n_segments: int, scheme: str) -> list[tuple[int, int]]:
@@ -61,6 +61,7 @@ class SegmentStage(Stage):
         cfg = ctx.cfg.segment
         meta, arrays = inputs["extract"].load_item(video.id)
         feats = arrays["features"]
+        check_features(feats, inputs["extract"].item_file(video.id, "features"), meta.get("feature_dim"))
         if meta.get("units") == "segments":  # imported Sultani features are already segments
             if feats.shape[0] != cfg.num_segments:
                 raise ValueError(f"imported segment features have {feats.shape[0]} segments, not {cfg.num_segments}")

@@ -24,7 +24,16 @@ import torch
 
 from models import DETECTORS, ClipBank, FeatureBank
 from pipeline.cache import atomic_torch_save, atomic_write_text, verified_torch_load
-from pipeline.runner import Context, CorruptArtifact, Stage, StageDir, StageError, progress_bar, resolve_device
+from pipeline.runner import (
+    Context,
+    CorruptArtifact,
+    Stage,
+    StageDir,
+    StageError,
+    check_features,
+    progress_bar,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,15 @@ def _split_videos(ctx: Context, src: StageDir, split: str) -> list[Any]:
     return videos
 
 
+def _check_bank_features(arr: np.ndarray, path: Path, bank: np.ndarray | None) -> None:
+    """A video's features must be finite and as wide as the bank's first video's; else a StageError
+    naming the file (training on NaN or mixed features would fail later, or silently)."""
+    try:
+        check_features(arr, path, None if bank is None else int(bank.shape[-1]))
+    except ValueError as e:
+        raise StageError(f"train: {e}") from None
+
+
 def load_bank(ctx: Context, seg_dir: StageDir, split: str = "train", folder: Path | None = None) -> FeatureBank:
     """Every ``split`` video's segments as one ``[N, C, S, D]`` FeatureBank, each file read once
     (videos whose segments are missing are skipped)."""
@@ -61,6 +79,7 @@ def load_bank(ctx: Context, seg_dir: StageDir, split: str = "train", folder: Pat
     feats: np.ndarray | None = None
     for i, v in enumerate(videos):
         seg = seg_dir.load_item(v.id)[1]["segments"]
+        _check_bank_features(seg, seg_dir.item_file(v.id, "segments"), feats)
         if feats is None:  # the first video gives the bank's shape
             feats = _bank_storage((len(videos), *seg.shape), limit, folder or seg_dir.path)
         if seg.shape != feats.shape[1:]:
@@ -83,6 +102,7 @@ def load_clip_bank(ctx: Context, ext_dir: StageDir, split: str = "train", folder
     feats: np.ndarray | None = None
     for i, v in enumerate(videos):
         f = ext_dir.load_item(v.id)[1]["features"]
+        _check_bank_features(f, ext_dir.item_file(v.id, "features"), feats)
         if feats is None:  # the first video gives the crop and feature dimensions
             feats = _bank_storage((int(offsets[-1]), *f.shape[1:]), limit, folder or ext_dir.path)
         if f.shape[1:] != feats.shape[1:] or f.shape[0] != lengths[i]:
