@@ -140,7 +140,9 @@ class EvaluateStage(Stage):
         from pipeline.report import write_report
 
         train_log = inputs["train"].path / "train_log.csv"
-        write_report(out.path, metrics, tests, out.items, train_log, plots=ctx.cfg.evaluate.plots)
+        left_out = {f["video"] for f in failures}
+        evaluated = [v for v in tests if v.id not in left_out]
+        write_report(out.path, metrics, evaluated, out.items, train_log, plots=ctx.cfg.evaluate.plots)
         log.info("evaluate: frame AUC %.4f over %d test videos", metrics["auc"] or float("nan"), len(results))
         return {
             "auc": metrics["auc"],
