@@ -19,6 +19,10 @@ failures and rank 0 writes ``failures.jsonl`` and the ``DONE`` marker. Whole-run
 evaluate) run on rank 0 alone; the other ranks exit once the per-video stages are done. The plan
 covers only what is not complete yet, so a rerun with any number of ranks (or none) completes
 the set without redoing finished videos.
+
+Rank 0 alone takes the run directory's lock (``RUN_DIR/.lock``, ``fcntl``), so a second job or a
+plain ``pipeline run`` on the same run directory from rank 0's machine is refused while the job
+runs; the other ranks write only the items of their own videos, never a shared file.
 """
 
 from __future__ import annotations
