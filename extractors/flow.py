@@ -51,12 +51,16 @@ class FlowMethod(ABC):
         params: TV-L1 parameters (OpenCV's defaults).
         device: torch device (``tvl1_torch``); the OpenCV method runs on the CPU whatever it is.
         batch_pairs: frame pairs per batch (``tvl1_torch``: pairs solved together).
+        compile: ``tvl1_torch`` runs its inner iteration through ``torch.compile``.
     """
 
     name: str
 
-    def __init__(self, params: TVL1Params | None = None, device: str = "cpu", batch_pairs: int = 8) -> None:
+    def __init__(
+        self, params: TVL1Params | None = None, device: str = "cpu", batch_pairs: int = 8, compile: bool = False
+    ) -> None:
         self.params = params or TVL1Params()
+        self.compile = compile
         self.device = torch.device(device)
         if batch_pairs < 1:
             raise ValueError("batch_pairs must be >= 1")
@@ -84,7 +88,7 @@ class TorchTVL1(FlowMethod):
         a = torch.from_numpy(np.ascontiguousarray(i0)).to(self.device)
         b = torch.from_numpy(np.ascontiguousarray(i1)).to(self.device)
         with torch.inference_mode():
-            return tvl1_flow(a, b, self.params).cpu().numpy()
+            return tvl1_flow(a, b, self.params, compile=self.compile).cpu().numpy()
 
 
 class OpenCVTVL1(FlowMethod):
@@ -92,7 +96,9 @@ class OpenCVTVL1(FlowMethod):
 
     name = "tvl1_opencv"
 
-    def __init__(self, params: TVL1Params | None = None, device: str = "cpu", batch_pairs: int = 8) -> None:
+    def __init__(
+        self, params: TVL1Params | None = None, device: str = "cpu", batch_pairs: int = 8, compile: bool = False
+    ) -> None:
         super().__init__(params, device, batch_pairs)
         try:
             import cv2
@@ -117,13 +123,15 @@ class OpenCVTVL1(FlowMethod):
 FLOW_METHODS: dict[str, type[FlowMethod]] = {TorchTVL1.name: TorchTVL1, OpenCVTVL1.name: OpenCVTVL1}
 
 
-def get_flow_method(name: str, params: TVL1Params | None = None, device: str = "cpu", batch_pairs: int = 8) -> FlowMethod:
+def get_flow_method(
+    name: str, params: TVL1Params | None = None, device: str = "cpu", batch_pairs: int = 8, compile: bool = False
+) -> FlowMethod:
     """The flow method registered as ``name`` (``tvl1_torch`` or ``tvl1_opencv``)."""
     try:
         cls = FLOW_METHODS[name]
     except KeyError:
         raise ValueError(f"unknown flow method {name!r}; known: {', '.join(sorted(FLOW_METHODS))}") from None
-    return cls(params=params, device=device, batch_pairs=batch_pairs)
+    return cls(params=params, device=device, batch_pairs=batch_pairs, compile=compile)
 
 
 def to_gray(frames: np.ndarray) -> np.ndarray:

@@ -218,15 +218,68 @@ def pyramid_sizes(h: int, w: int, params: TVL1Params) -> list[tuple[int, int]]:
     return sizes
 
 
+def _iteration(
+    u1: torch.Tensor, u2: torch.Tensor, p11: torch.Tensor, p12: torch.Tensor, p21: torch.Tensor,
+    p22: torch.Tensor, mask: torch.Tensor | None, i1wx: torch.Tensor, i1wy: torch.Tensor, rho_c: torch.Tensor,
+    grad: torch.Tensor, l_t: float, theta: float, taut: float,
+) -> tuple[torch.Tensor, ...]:
+    """One inner iteration for every pair (``[B, h, w]`` tensors): thresholding step for ``v``, primal
+    step for ``u``, dual step for ``p``; pairs whose ``mask`` ``[B, 1, 1]`` is False keep their values
+    (``mask=None``: every pair moves). Returns the new ``u1, u2, p11, p12, p21, p22`` and each pair's
+    squared update ``[B]`` (OpenCV's stopping sum). A pure function of tensors, so that
+    ``torch.compile`` can fuse it into a few kernels."""
+
+    def keep(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return new if mask is None else torch.where(mask, new, old)
+
+    # thresholding step: v = u + step * grad(I1w), the step chosen by where rho falls (OpenCV estimateV)
+    rho = rho_c + i1wx * u1 + i1wy * u2
+    lt_grad = l_t * grad
+    safe_grad = torch.where(grad > FLT_EPSILON, grad, torch.ones_like(grad))
+    step = torch.where(
+        rho < -lt_grad,
+        l_t,
+        torch.where(rho > lt_grad, -l_t, torch.where(grad > FLT_EPSILON, -rho / safe_grad, 0.0)),
+    )
+    new_u1 = u1 + step * i1wx + theta * divergence(p11, p12)
+    new_u2 = u2 + step * i1wy + theta * divergence(p21, p22)
+    error = ((new_u1 - u1) ** 2 + (new_u2 - u2) ** 2).sum(dim=(1, 2))
+    u1 = keep(new_u1, u1)
+    u2 = keep(new_u2, u2)
+    # dual step: p = (p + taut grad u) / (1 + taut |grad u|)
+    u1x, u1y = forward_gradient(u1)
+    u2x, u2y = forward_gradient(u2)
+    ng1 = 1.0 + taut * torch.sqrt(u1x * u1x + u1y * u1y)
+    ng2 = 1.0 + taut * torch.sqrt(u2x * u2x + u2y * u2y)
+    p11 = keep((p11 + taut * u1x) / ng1, p11)
+    p12 = keep((p12 + taut * u1y) / ng1, p12)
+    p21 = keep((p21 + taut * u2x) / ng2, p21)
+    p22 = keep((p22 + taut * u2y) / ng2, p22)
+    return u1, u2, p11, p12, p21, p22, error
+
+
+_compiled: dict[str, Any] = {}
+
+
+def _iteration_fn(compile: bool) -> Any:
+    """:func:`_iteration`, through ``torch.compile`` when asked (compiled once per process; each
+    pyramid level's shape is one more specialisation)."""
+    if not compile:
+        return _iteration
+    if "iteration" not in _compiled:
+        _compiled["iteration"] = torch.compile(_iteration, dynamic=True, fullgraph=True)
+    return _compiled["iteration"]
+
+
 def _one_scale(
-    i0: torch.Tensor, i1: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, params: TVL1Params, early_exit: bool
+    i0: torch.Tensor, i1: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, params: TVL1Params,
+    early_exit: bool, compile: bool, stats: dict[str, int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Refine the flow ``(u1, u2)`` ``[B, h, w]`` at one pyramid level (see the module docstring)."""
     b, h, w = i0.shape
     stop = params.epsilon**2 * h * w
     l_t = params.lambda_ * params.theta
     taut = params.tau / params.theta
-    theta = params.theta
     i1x, i1y = centered_gradient(i1)
     to_warp = torch.stack((i1, i1x, i1y), dim=1)  # [B, 3, h, w]
     p11 = torch.zeros_like(u1)
@@ -236,48 +289,29 @@ def _one_scale(
     # on the CPU a value read back costs nothing: stop each warp as soon as every pair has met the
     # stopping rule (OpenCV's own loop), and a single pair needs no masks at all
     host_checks = i0.device.type == "cpu"
-    masked = b > 1 or not host_checks
-
-    def keep(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, new, old) if masked else new
-
+    masked = b > 1 or not host_checks or compile
+    iterate = _iteration_fn(compile)
     for _ in range(params.warps):
         warped = warp_bicubic(to_warp, u1, u2)
         i1w, i1wx, i1wy = warped[:, 0], warped[:, 1], warped[:, 2]
         grad = i1wx * i1wx + i1wy * i1wy
         rho_c = i1w - i1wx * u1 - i1wy * u2 - i0
-        lt_grad = l_t * grad
-        safe_grad = torch.where(grad > FLT_EPSILON, grad, torch.ones_like(grad))
         active = torch.ones(b, dtype=torch.bool, device=i0.device)
         for n_outer in range(params.outer_iterations):
             if (early_exit or host_checks) and n_outer > 0 and not bool(active.any()):  # one host read
                 break
             mask = active.view(b, 1, 1)
             if params.median_filtering > 1:
-                u1 = keep(mask, median_blur(u1, params.median_filtering), u1)
-                u2 = keep(mask, median_blur(u2, params.median_filtering), u2)
+                u1m = median_blur(u1, params.median_filtering)
+                u2m = median_blur(u2, params.median_filtering)
+                u1, u2 = (torch.where(mask, u1m, u1), torch.where(mask, u2m, u2)) if masked else (u1m, u2m)
             for _ in range(params.inner_iterations):
-                # thresholding step: v = u + step * grad(I1w), the step chosen by where rho falls
-                rho = rho_c + i1wx * u1 + i1wy * u2
-                step = torch.where(
-                    rho < -lt_grad,
-                    l_t,
-                    torch.where(rho > lt_grad, -l_t, torch.where(grad > FLT_EPSILON, -rho / safe_grad, 0.0)),
+                u1, u2, p11, p12, p21, p22, error = iterate(
+                    u1, u2, p11, p12, p21, p22, mask if masked else None, i1wx, i1wy, rho_c, grad,
+                    l_t, params.theta, taut,
                 )
-                new_u1 = u1 + step * i1wx + theta * divergence(p11, p12)
-                new_u2 = u2 + step * i1wy + theta * divergence(p21, p22)
-                error = ((new_u1 - u1) ** 2 + (new_u2 - u2) ** 2).sum(dim=(1, 2))
-                u1 = keep(mask, new_u1, u1)
-                u2 = keep(mask, new_u2, u2)
-                # dual step: p = (p + taut grad u) / (1 + taut |grad u|)
-                u1x, u1y = forward_gradient(u1)
-                u2x, u2y = forward_gradient(u2)
-                ng1 = 1.0 + taut * torch.sqrt(u1x * u1x + u1y * u1y)
-                ng2 = 1.0 + taut * torch.sqrt(u2x * u2x + u2y * u2y)
-                p11 = keep(mask, (p11 + taut * u1x) / ng1, p11)
-                p12 = keep(mask, (p12 + taut * u1y) / ng1, p12)
-                p21 = keep(mask, (p21 + taut * u2x) / ng2, p21)
-                p22 = keep(mask, (p22 + taut * u2y) / ng2, p22)
+                if stats is not None:
+                    stats["iterations"] = stats.get("iterations", 0) + 1
                 active = active & (error > stop)
                 mask = active.view(b, 1, 1)
                 if host_checks and not bool(active.any()):
@@ -286,7 +320,12 @@ def _one_scale(
 
 
 def tvl1_flow(
-    i0: torch.Tensor, i1: torch.Tensor, params: TVL1Params | None = None, early_exit: bool = True
+    i0: torch.Tensor,
+    i1: torch.Tensor,
+    params: TVL1Params | None = None,
+    early_exit: bool = True,
+    compile: bool = False,
+    stats: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Dual TV-L1 flow from ``i0`` to ``i1`` for a batch of frame pairs.
 
@@ -296,6 +335,10 @@ def tvl1_flow(
         params: solver parameters (OpenCV's defaults).
         early_exit: stop a warp's iterations once every pair has met the stopping rule (one host read
             per outer iteration); False always runs the maximum, with no host read at all.
+        compile: run the inner iteration through ``torch.compile`` (fused kernels; the first call per
+            pyramid shape compiles, which takes tens of seconds). Same arithmetic, so the same flow
+            up to float rounding.
+        stats: if given, ``stats["iterations"]`` counts the inner iterations run (per batch).
     Returns:
         ``[B, H, W, 2]`` float32 on the input's device: ``(dx, dy)`` in pixels such that
         ``i1(x + dx, y + dy) ~ i0(x, y)`` (OpenCV's convention).
@@ -318,7 +361,7 @@ def tvl1_flow(
     u1 = torch.zeros(b, hc, wc, dtype=torch.float32, device=i0.device)
     u2 = torch.zeros_like(u1)
     for s in range(len(sizes) - 1, -1, -1):
-        u1, u2 = _one_scale(i0s[s], i1s[s], u1, u2, params, early_exit)
+        u1, u2 = _one_scale(i0s[s], i1s[s], u1, u2, params, early_exit, compile, stats)
         if s > 0:
             u1 = resize_linear(u1, sizes[s - 1]) / params.scale_step
             u2 = resize_linear(u2, sizes[s - 1]) / params.scale_step

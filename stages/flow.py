@@ -66,7 +66,7 @@ class FlowStage(Stage):
 
             cfg = ctx.cfg.flow
             self.method = get_flow_method(
-                cfg.method, flow_params_from_config(cfg), resolve_device(cfg.device), cfg.batch_pairs
+                cfg.method, flow_params_from_config(cfg), resolve_device(cfg.device), cfg.batch_pairs, cfg.compile
             )
 
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:

@@ -192,3 +192,5 @@ def test_cuda_flow_matches_cpu():
     cpu = tvl1_flow(i0, i1).numpy()
     gpu = tvl1_flow(i0.cuda(), i1.cuda()).cpu().numpy()
     assert epe(gpu, cpu) < 0.02
+    fused = tvl1_flow(i0.cuda(), i1.cuda(), compile=True).cpu().numpy()
+    assert epe(fused, cpu) < 0.02
