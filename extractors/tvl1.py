@@ -104,27 +104,25 @@ class TVL1Params:
 
 
 def _linear_resize_matrix(n_in: int, n_out: int, scale: float, device: torch.device) -> torch.Tensor:
-    """``[n_out, n_in]`` weights of ``cv::resize`` INTER_LINEAR along one axis.
+    """``[n_out, n_in]`` weights of ``cv::resize`` INTER_LINEAR along one axis, built on ``device``
+    (no host-to-device copy, which on a GPU would wait for the queued work).
 
     ``scale`` is source pixels per destination pixel; destination pixel ``d`` samples the source at
     ``(d + 0.5) * scale - 0.5``, clamped to the first / last source pixel (no anti-aliasing).
     """
-    d = torch.arange(n_out, dtype=torch.float64)
-    s = (d + 0.5) * scale - 0.5
+    s = (torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * scale - 0.5
     i0 = torch.floor(s)
     frac = s - i0
-    low = i0 < 0
-    high = i0 >= n_in - 1
-    i0 = torch.where(low, torch.zeros_like(i0), i0)
-    i0 = torch.where(high, torch.full_like(i0, n_in - 1), i0)
-    frac = torch.where(low | high, torch.zeros_like(frac), frac).to(torch.float32)
+    outside = (i0 < 0) | (i0 >= n_in - 1)
+    i0 = i0.clamp(0, n_in - 1)
+    frac = torch.where(outside, torch.zeros_like(frac), frac).to(torch.float32)
     i0 = i0.long()
     i1 = torch.clamp(i0 + 1, max=n_in - 1)
-    m = torch.zeros(n_out, n_in, dtype=torch.float32)
-    rows = torch.arange(n_out)
+    m = torch.zeros(n_out, n_in, dtype=torch.float32, device=device)
+    rows = torch.arange(n_out, device=device)
     m.index_put_((rows, i0), 1.0 - frac, accumulate=True)
     m.index_put_((rows, i1), frac, accumulate=True)
-    return m.to(device)
+    return m
 
 
 def resize_linear(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float] | None = None) -> torch.Tensor:
