@@ -8,6 +8,8 @@ Registered names (``pipeline list`` prints them):
   input of its classification projection per 16-frame clip; RTFM's normalisation (mean 114.75, std 57.375).
 - ``c3d_fc6``: C3D Sports-1M (Tran et al. 2015; the DavideA/c3d-pytorch port of the weights), fc6 after ReLU,
   4096-D per 16x112x112 clip; frames resized to 128x171, BGR minus the Caffe channel mean (Sultani et al.).
+- ``i3d_inception_flow``, ``resnet50_i3d_flow``: the flow streams (2-channel TV-L1 flow in [-1, 1]) that
+  ``extract.modality`` = ``flow`` / ``rgb+flow`` uses (``extractors.flow``).
 """
 
 from __future__ import annotations
