@@ -343,6 +343,10 @@ class MistExtractStage(ExtractStage):
     upstream = ("train",)
     optional = True
 
+    def upstream_for(self, cfg: Any) -> tuple[str, ...]:
+        """The fine-tuned encoder only (not the extract stage's own upstream, e.g. optical flow)."""
+        return self.upstream
+
     def prepare(self, ctx: Context, out: StageDir) -> None:
         ctx.ensure_data()
 
