@@ -22,6 +22,12 @@ exactly the code the pipeline's stages use:
   last segment pools the last two clips, so those two differ; longer videos' segments pool several
   clips each. For a causal ``clips``-level detector, online and offline scores are the same.
 
+A MIST run (``--method mist``, whose detector reads the ``mist_extract`` features) featurises with
+its stage II encoder (the train stage's ``encoder.pt``) and scores with E_SGA's main head; a run
+trained on ``extract.encoder`` features featurises with that encoder. Both build the extractor with
+:func:`stages.mist.fine_tuned_extractor`, as the ``mist_extract`` stage does; a missing or mismatched
+encoder exits 2.
+
 Outputs per video, in ``--out`` (default ``RUN_DIR/scores``), each written atomically:
 ``<id>.csv`` (``frame,time_s,score``; ``time_s = frame / fps``; the score is empty for frames no clip
 covers, i.e. a trailing partial clip with ``extract.partial_clip=drop``), ``<id>.json`` (fps, frame
@@ -30,7 +36,8 @@ cache keys) and ``<id>.png`` (score over time). ``<id>`` is the file's stem or t
 (``-2``, ``-3`` ... when two inputs share one).
 
 Errors get one line, no traceback: a run-level problem (not a run directory, no trained detector,
-a detector trained on other features than the run's extractor gives, imported features) exits 2
+a detector trained on other features than the run's extractor gives, imported features, a MIST
+run's missing ``encoder.pt``) exits 2
 before any video is read; a video that fails (missing, unreadable, too short) is reported, the
 others go on, and the exit status is 1.
 """
@@ -187,7 +194,19 @@ class RunScorer:
         ex = self.cfg.extract
         self.device = device or resolve_device(ex.device)
         try:
-            self.extractor = EXTRACTORS.get(ex.backbone, weights=ex.weights or None, device=self.device)
+            fine_tuned = DETECTORS.get_class(self.method).feature_stage == "mist_extract"
+        except RegistryError as e:
+            raise ScoreError(f"{self.model_path}: cannot load the detector: {_one_line(e)}") from None
+        # MIST scores features re-extracted with its stage II encoder (mist_extract); a run with
+        # extract.encoder trained its detector on features of such an encoder
+        self.encoder = self.train_dir / "encoder.pt" if fine_tuned else (Path(ex.encoder).expanduser() if ex.encoder else None)
+        try:
+            if self.encoder is not None:
+                from stages.mist import fine_tuned_extractor
+
+                self.extractor = fine_tuned_extractor(ex, self.encoder, self.device)
+            else:
+                self.extractor = EXTRACTORS.get(ex.backbone, weights=ex.weights or None, device=self.device)
         except (RegistryError, OSError, ValueError, RuntimeError) as e:
             raise ScoreError(f"{cfg_path}: cannot build extractor {ex.backbone!r}: {_one_line(e)}") from None
         try:
@@ -328,6 +347,8 @@ class RunScorer:
         path = Path(path)
         vid = video_id or _video_id(path)
         info: dict[str, Any] = {}
+        if hasattr(self.extractor, "attention"):
+            self.extractor.attention.clear()  # E_SGA keeps each clip's attention map: not needed here
         if online:
             return self._score_online(path, vid, info, on_clip)
         return self._score_offline(path, vid, info)
@@ -422,7 +443,9 @@ class RunScorer:
             "run_dir": str(self.run_dir.resolve()),
             "model": str(self.model_path.resolve()),
             "cache_keys": self.cache_keys(),
-            "extractor": {"name": ex.backbone, "weights_sha256": self.extractor.weights_checksum,
+            "extractor": {"name": getattr(self.extractor, "registry_name", ex.backbone),
+                          "weights_sha256": self.extractor.weights_checksum,
+                          "encoder": str(self.encoder.resolve()) if self.encoder is not None else None,
                           "crops": ex.crops, "crop_order": ex.crop_order, "clip_len": ex.clip_len,
                           "partial_clip": ex.partial_clip},
             "segment": {"scheme": seg.scheme, "num_segments": seg.num_segments} if self.input_level == "segments" else None,

@@ -334,6 +334,22 @@ def finetune_step(model: Any, optimizer: torch.optim.Optimizer, scaler: Any, x: 
 # ------------------------------------------------------------------------- after stage II
 
 
+def fine_tuned_extractor(extract_cfg: Any, encoder_path: str | Path, device: str) -> Any:
+    """The extractor of a finished stage II: ``extract_cfg.backbone`` (with its weights) wrapped in
+    the fine-tuned E_SGA of ``encoder_path`` (its ``encoder.pt``; an :class:`extractors.sga.SGAExtractor`:
+    ``[N, D]`` attended features per clip, attention maps kept). Used by re-extraction
+    (:class:`MistExtractStage`) and by ``pipeline score`` on a MIST run or an ``extract.encoder``
+    run, so a scored video is featurised as the evaluated ones were.
+
+    Raises FileNotFoundError (no ``encoder.pt``) or ValueError (fine-tuned from another backbone).
+    """
+    from extractors import EXTRACTORS
+    from extractors.sga import SGAExtractor
+
+    base = EXTRACTORS.get(extract_cfg.backbone, weights=extract_cfg.weights or None, device=device)
+    return SGAExtractor(base, encoder_path)
+
+
 class MistExtractStage(ExtractStage):
     """Re-extraction with the fine-tuned encoder of the train stage (``encoder.pt``): the extract
     stage's path and settings, E_SGA's attended features, plus ``attention`` ``[T, C, h, w]`` float16
@@ -352,12 +368,8 @@ class MistExtractStage(ExtractStage):
 
     def process(self, ctx: Context, video: Any, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.extractor is None:
-            from extractors import EXTRACTORS
-            from extractors.sga import SGAExtractor
-
             cfg = ctx.cfg.extract
-            base = EXTRACTORS.get(cfg.backbone, weights=cfg.weights or None, device=resolve_device(cfg.device))
-            self.extractor = SGAExtractor(base, inputs["train"].path / "encoder.pt")
+            self.extractor = fine_tuned_extractor(cfg, inputs["train"].path / "encoder.pt", resolve_device(cfg.device))
         self.extractor.attention.clear()
         feats, meta = extract_video(ctx, self.extractor, ctx.manifest.resolve(video))
         att = np.concatenate(self.extractor.attention).reshape(feats.shape[0], feats.shape[1], *self.extractor.attention[0].shape[-2:])

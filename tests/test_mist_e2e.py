@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.cli import main
@@ -115,6 +116,18 @@ def test_mist_chain_resumes_after_interruption_and_feeds_another_detector(demo_s
     for stage in ("mist_generator", "mist_pseudo", "train", "mist_extract", "mist_explain", "evaluate"):
         assert any(ln.startswith(stage) and "done" in ln for ln in status.splitlines()), status
 
+    # pipeline score on the MIST run: the fine-tuned encoder and E_SGA's head, as the evaluation scored
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(demo_subset)
+    video = manifest.resolve(manifest.by_id()["test_001"])
+    evaluated = np.load(run_dir / latest["evaluate"] / "items" / "test_001.scores.npy")
+    _assert_scored_as_evaluated(capsys, video, run_dir, tmp_path / "scores", evaluated, "tiny_i3d+mist_sga")
+    (train_dir / "encoder.pt").rename(train_dir / "moved.pt")  # no encoder: refuse, never the pretrained one
+    assert main(["-q", "score", str(video), "--run-dir", str(run_dir)]) == 2
+    assert "encoder.pt" in capsys.readouterr().err
+    (train_dir / "moved.pt").rename(train_dir / "encoder.pt")
+
     # encoder-agnostic: AR-Net on features re-extracted with the fine-tuned encoder
     other = ["-q", "run", "--stage", "evaluate", "--method", "ar_net", "--run-dir", str(tmp_path / "arnet"),
              "--set", f"extract.encoder={train_dir / 'encoder.pt'}", "--set", "train.iterations=30",
@@ -127,3 +140,15 @@ def test_mist_chain_resumes_after_interruption_and_feeds_another_detector(demo_s
     assert "encoder_sha256" in stage_json["inputs"]
     item = json.loads((tmp_path / "arnet" / latest["extract"] / "items" / "test_001.json").read_text())
     assert item["extractor"] == "tiny_i3d+mist_sga" and item["feature_dim"] == 1024
+    evaluated = np.load(tmp_path / "arnet" / latest["evaluate"] / "items" / "test_001.scores.npy")
+    _assert_scored_as_evaluated(capsys, video, tmp_path / "arnet", tmp_path / "arnet_scores", evaluated, "tiny_i3d+mist_sga")
+
+
+def _assert_scored_as_evaluated(capsys, video: Path, run_dir: Path, out: Path, evaluated: np.ndarray, extractor: str) -> None:
+    """``pipeline score`` gives ``video`` the frame scores the run's evaluate stage gave it."""
+    assert main(["-q", "score", str(video), "--run-dir", str(run_dir), "--out", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    doc = json.loads((out / f"{video.stem}.json").read_text())
+    assert doc["extractor"]["name"] == extractor
+    scores = np.array([np.nan if s is None else s for s in doc["scores"]], np.float64)
+    np.testing.assert_allclose(scores, evaluated, atol=1e-4)
