@@ -64,8 +64,12 @@ def test_pyramid_resize_and_flow_upscale_match_cv2_resize():
 
 
 def test_median_matches_cv2_median_blur():
-    x = np.random.default_rng(2).standard_normal((31, 40)).astype(np.float32)
-    np.testing.assert_array_equal(median_blur(torch.from_numpy(x)[None], 5)[0].numpy(), cv2.medianBlur(x, 5))
+    rng = np.random.default_rng(2)
+    smooth = rng.standard_normal((31, 40)).astype(np.float32)
+    ties = rng.integers(0, 4, (31, 40)).astype(np.float32)  # many equal values
+    for x in (smooth, ties):
+        for k in (3, 5):
+            np.testing.assert_array_equal(median_blur(torch.from_numpy(x)[None], k)[0].numpy(), cv2.medianBlur(x, k))
 
 
 def test_bicubic_warp_matches_cv2_remap_with_zero_border():
