@@ -80,7 +80,10 @@ class FlowMethod(ABC):
 
 
 class TorchTVL1(FlowMethod):
-    """:func:`extractors.tvl1.tvl1_flow`, ``batch_pairs`` pairs at a time on ``device``."""
+    """:func:`extractors.tvl1.tvl1_flow`, ``batch_pairs`` pairs at a time on a GPU. On the CPU each
+    pair is solved alone: there a batch is slower per pair (it runs until its slowest pair stops, and
+    frozen pairs still cost their masked arithmetic; 1.16 against 0.90 pairs/s for batches of 8,
+    BENCHMARKS.md), and the flow is the same either way."""
 
     name = "tvl1_torch"
 
@@ -88,6 +91,9 @@ class TorchTVL1(FlowMethod):
         a = torch.from_numpy(np.ascontiguousarray(i0)).to(self.device)
         b = torch.from_numpy(np.ascontiguousarray(i1)).to(self.device)
         with torch.inference_mode():
+            if self.device.type == "cpu":
+                return torch.cat([tvl1_flow(a[k : k + 1], b[k : k + 1], self.params, compile=self.compile)
+                                  for k in range(len(a))]).numpy()
             return tvl1_flow(a, b, self.params, compile=self.compile).cpu().numpy()
 
 

@@ -170,7 +170,7 @@ class FlowConfig:
         ("uint8", "float16"),
         "stored flow: uint8 over [-20, 20] (denseflow's convention, error <= 0.078 px) or float16 (<= 0.008 px)",
     )
-    batch_pairs: int = opt(8, "frame pairs solved together by tvl1_torch", key=False)
+    batch_pairs: int = opt(8, "frame pairs solved together by tvl1_torch on a GPU (the CPU solves them one by one)", key=False)
     chunk_frames: int = opt(64, "frames decoded at a time (bounds memory)", key=False)
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]' (tvl1_torch)", key=False)
     compile: bool = opt(
