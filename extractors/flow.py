@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from extractors import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.i3d_inception import InceptionI3d
-from extractors.i3d_r50 import R50_FEATURE_DIM, build_i3d_r50, i3d_r50_features, load_state_dict_checked, read_state_dict
+from extractors.i3d_r50 import (
+    R50_FEATURE_DIM,
+    build_i3d_r50,
+    i3d_r50_features,
+    load_state_dict_checked,
+    read_state_dict,
+)
 from extractors.transforms import _crop_boxes, crop_names, resized_size
 from extractors.tvl1 import TVL1Params, to_gray_uint8, tvl1_flow
 from extractors.weights import WeightsError, WeightSpec, fetch_weights, pinned_sha256
@@ -123,7 +129,9 @@ class OpenCVTVL1(FlowMethod):
         )
 
     def pairs(self, i0: np.ndarray, i1: np.ndarray) -> np.ndarray:
-        return np.stack([self._solver.calc(np.ascontiguousarray(a), np.ascontiguousarray(b), None) for a, b in zip(i0, i1)])
+        return np.stack(
+            [self._solver.calc(np.ascontiguousarray(a), np.ascontiguousarray(b), None) for a, b in zip(i0, i1)]
+        )
 
 
 FLOW_METHODS: dict[str, type[FlowMethod]] = {TorchTVL1.name: TorchTVL1, OpenCVTVL1.name: OpenCVTVL1}

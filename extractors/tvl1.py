@@ -17,7 +17,8 @@ implementation choices, so that both give the same flow within a small fraction 
 - pyramid: each level is ``cv::resize`` of the previous float level by ``scale_step`` (bilinear with
   half-pixel centres, no anti-aliasing, sizes rounded to nearest), stopping before a side < 16;
 - per scale: gradients of I1 by centred differences (one-sided, halved, at the borders), then per warp
-  I1 and its gradients are warped with ``cv::remap`` bicubic (a = -0.75, zeros outside the image), ``rho_c = I1w - I1wx u1 - I1wy u2 - I0``;
+  I1 and its gradients are warped with ``cv::remap`` bicubic (a = -0.75, zeros outside the image),
+  ``rho_c = I1w - I1wx u1 - I1wy u2 - I0``;
 - iterations: at most ``outer_iterations`` x ``inner_iterations`` per warp; a 5x5 median filter of
   ``u`` (replicated borders) starts each outer iteration; the dual variables use forward differences
   (zero at the last column / row) and the matching backward-difference divergence; they are reset to
@@ -389,7 +390,9 @@ def tvl1_flow(
     """
     params = params or TVL1Params()
     if i0.shape != i1.shape or i0.dim() != 3:
-        raise ValueError(f"expected two [B, H, W] batches of the same shape, got {tuple(i0.shape)} and {tuple(i1.shape)}")
+        raise ValueError(
+            f"expected two [B, H, W] batches of the same shape, got {tuple(i0.shape)} and {tuple(i1.shape)}"
+        )
     b, h, w = i0.shape
     if h < MIN_LEVEL_SIDE or w < MIN_LEVEL_SIDE:
         raise ValueError(f"frames of {h}x{w} are too small for TV-L1 (both sides must be >= {MIN_LEVEL_SIDE})")

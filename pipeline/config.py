@@ -164,13 +164,17 @@ class FlowConfig:
     outer_iterations: int = opt(10, "outer iterations per warp (OpenCV default)")
     scale_step: float = opt(0.8, "pyramid scale factor (OpenCV default)")
     median_filtering: int = opt(5, "median filter size applied to the flow (OpenCV default)")
-    short_side: int = opt(256, "stored flow is resized (vectors scaled) to this short side, the RGB path's resize (I3D)")
+    short_side: int = opt(
+        256, "stored flow is resized (vectors scaled) to this short side, the RGB path's resize (I3D)"
+    )
     storage: str = choice(
         "uint8",
         ("uint8", "float16"),
         "stored flow: uint8 over [-20, 20] (denseflow's convention, error <= 0.078 px) or float16 (<= 0.008 px)",
     )
-    batch_pairs: int = opt(8, "frame pairs solved together by tvl1_torch on a GPU (the CPU solves them one by one)", key=False)
+    batch_pairs: int = opt(
+        8, "frame pairs solved together by tvl1_torch on a GPU (the CPU solves them one by one)", key=False
+    )
     chunk_frames: int = opt(64, "frames decoded at a time (bounds memory)", key=False)
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]' (tvl1_torch)", key=False)
     compile: bool = opt(

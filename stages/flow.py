@@ -90,7 +90,9 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
 
 
-def write_streamed_npy(dest: Path, frame_shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> dict[str, Any]:
+def write_streamed_npy(
+    dest: Path, frame_shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]
+) -> dict[str, Any]:
     """Write ``blocks`` (each ``[n, *frame_shape]`` of ``dtype``) as one ``.npy`` array along axis 0,
     atomically (temporary file renamed into place); returns the ``_files`` entry (file, sha256, size).
     Memory holds one block at a time."""
@@ -101,7 +103,9 @@ def write_streamed_npy(dest: Path, frame_shape: tuple[int, ...], dtype: np.dtype
             fh.write(_npy_header(dtype, (0, *frame_shape)))
             for block in blocks:
                 if block.shape[1:] != tuple(frame_shape) or block.dtype != dtype:
-                    raise ValueError(f"{dest.name}: block {block.dtype} {block.shape} does not fit {dtype} {frame_shape}")
+                    raise ValueError(
+                        f"{dest.name}: block {block.dtype} {block.shape} does not fit {dtype} {frame_shape}"
+                    )
                 fh.write(np.ascontiguousarray(block).tobytes())
                 n += len(block)
             fh.seek(0)
@@ -180,7 +184,8 @@ def load_flow(flow_dir: StageDir, vid: str) -> tuple[dict[str, Any], np.ndarray]
             raise CorruptArtifact(f"{path}: size differs from the one recorded at write time", path)
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError) as e:
-        raise CorruptArtifact(f"{flow_dir.item_meta_path(vid)}: unreadable flow item ({e})", flow_dir.item_meta_path(vid)) from e
+        where = flow_dir.item_meta_path(vid)
+        raise CorruptArtifact(f"{where}: unreadable flow item ({e})", where) from e
     if arr.shape[0] != meta["n_frames"] - 1:
         raise CorruptArtifact(f"{path}: {arr.shape[0]} flow fields for {meta['n_frames']} frames", path)
     return meta, arr

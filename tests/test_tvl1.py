@@ -169,7 +169,8 @@ def test_resize_scales_vectors_and_flip_negates_dx():
     flow[..., 0], flow[..., 1] = 3.0, -1.5
     big = resize_flow(flow, (256, 341))
     assert big.shape == (1, 256, 341, 2)
-    assert torch.allclose(big[..., 0], torch.tensor(3.0 * 341 / 320)) and torch.allclose(big[..., 1], torch.tensor(-1.5 * 256 / 240))
+    assert torch.allclose(big[..., 0], torch.tensor(3.0 * 341 / 320))
+    assert torch.allclose(big[..., 1], torch.tensor(-1.5 * 256 / 240))
     x = preprocess_flow_clips(big[None].repeat(1, 16, 1, 1, 1) * 10, 224, "10")  # clipped at 20
     assert x.shape == (10, 2, 16, 224, 224)
     assert torch.allclose(x[:5, 0], torch.tensor(1.0)) and torch.allclose(x[5:, 0], torch.tensor(-1.0))
