@@ -58,6 +58,7 @@ class FlowStage(Stage):
     reads = ("flow", "data.folder_fps")
     manifest_columns = ("id", "path")
     optional = True  # runs when extract reads it (extract.modality with flow)
+    shard_by_frames = True  # under torchrun, balance ranks by frames: TV-L1's cost grows with length
 
     def __init__(self) -> None:
         self.method: Any = None
