@@ -114,7 +114,18 @@ def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int)
         "seconds": {name: round(r.seconds, 1) for name, r in reports.items()},
         "total_seconds": round(total, 1),
         "stage2": reports["train"].summary,
+        "stage2_step_seconds": stage2_step_seconds(reports["train"].path, cfg.train.ft_freeze_epochs),
+        "cached": [name for name, r in reports.items() if r.state == "done"],
     }
+    return out
+
+
+def stage2_step_seconds(train_dir: Path, freeze_epochs: int) -> dict[str, list[float]]:
+    """Seconds of each stage II step (``train_log.csv``), backbone frozen and fine-tuned apart."""
+    out: dict[str, list[float]] = {"frozen": [], "unfrozen": []}
+    with open(train_dir / "train_log.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            out["frozen" if int(row["epoch"]) < freeze_epochs else "unfrozen"].append(round(float(row["seconds"]), 1))
     return out
 
 
