@@ -237,6 +237,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     ctx.ensure_data()
     try:
         extractor = EXTRACTORS.get(ext.backbone, weights=ext.weights or None, device=str(device))
+        torch.manual_seed(cfg.seed)  # E_SGA's new layers start alike whatever ran before in this process
         model = build_esga(extractor, cfg.ft_expand_k, cfg.ft_dropout, ext.clip_len).to(device)
     except (TypeError, ValueError, OSError) as e:
         raise StageError(f"train: cannot build E_SGA on {ext.backbone}: {e}") from e
