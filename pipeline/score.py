@@ -177,6 +177,14 @@ class RunScorer:
                 f"{cfg_path}: this run's features were imported (extract.import_format="
                 f"{self.cfg.extract.import_format}), so it has no extractor to compute them for a new video"
             )
+        if getattr(self.cfg.extract, "modality", "rgb") != "rgb":
+            # scoring computes RGB features only; a flow detector fed RGB features of the same width
+            # would score silently and wrongly
+            raise ScoreError(
+                f"{cfg_path}: this run's detector reads {self.cfg.extract.modality} features "
+                "(extract.modality); `pipeline score` computes RGB features only, so score these videos "
+                "with `pipeline run --stage evaluate` on a manifest that lists them"
+            )
         try:
             self.saved = torch.load(self.model_path, map_location="cpu", weights_only=True)
         except Exception as e:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import moving_square_video, register_test_extractor, write_video
+from conftest import moving_square_video, write_video
 from pipeline.cli import main
 from test_runner import make_dataset, make_runner
 
@@ -305,3 +305,17 @@ def test_detector_trained_on_other_features(run, data, tmp_path, capsys):
     code, out, err = _score(capsys, video, "--run-dir", copy)
     assert code == 2
     _one_line_error(err, str(model), "trained on other features", "'test_motion'", "'test_rgb'")
+
+
+def test_flow_modality_run_is_refused(run, data, tmp_path, capsys):
+    """Scoring computes RGB features only: a run whose detector read flow features exits 2, naming the
+    setting, instead of scoring RGB features of the same width."""
+    copy = tmp_path / "flow"
+    shutil.copytree(run, copy)
+    cfg = copy / "config.yaml"
+    text = cfg.read_text()
+    assert "modality: rgb" in text
+    cfg.write_text(text.replace("modality: rgb", "modality: rgb+flow"))
+    code, out, err = _score(capsys, data.parent / "test0.mp4", "--run-dir", copy)
+    assert code == 2
+    _one_line_error(err, str(cfg), "rgb+flow", "extract.modality", "RGB features only")
