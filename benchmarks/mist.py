@@ -12,9 +12,13 @@ Reported per dataset (and fold):
 - ``auc_generator``: stage I's G scoring the test videos' pretrained features (before stage II);
 - ``auc_esga``: the evaluate stage's AUC, E_SGA's main head on the re-extracted features (after);
 - ``auc_<other>_pretrained`` / ``auc_<other>_mist``: another detector (``--other``, default AR-Net
-  with its documented ``short_schedule``, ``--other-iterations`` steps, same seed) trained on the
-  pretrained and on the re-extracted training features (the poster's Table 3, "encoder-agnostic");
-- the seconds of each stage.
+  with its documented ``short_schedule``, ``--other-iterations`` steps) trained on the pretrained
+  and on the re-extracted training features (the poster's Table 3, "encoder-agnostic"): the mean
+  over ``--other-seeds`` (default: the run's seed), each seed's AUC in ``..._per_seed``;
+- the seconds of each stage (0 for one reused from the cache, listed in ``cached``) and of each stage
+  II step, backbone frozen and fine-tuned apart (``stage2_step_seconds``);
+- ``feature_change``: how far stage II moved the test videos' features (cosine to the pretrained
+  ones, norm ratio) and how flat E_SGA's attention maps are.
 
 UCSD Ped2 uses the weak two-fold split of ``benchmarks/ped2_detectors.py`` (its functions): each
 training clip becomes a normal video (the clips ending a clip before the first anomalous frame) and
@@ -83,7 +87,7 @@ def other_detector_auc(name: str, iterations: int, seed: int, train: dict, label
     return frame_auc(model, test, gt)
 
 
-def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int) -> dict:
+def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int, other_seeds: list[int] | None = None) -> dict:
     """The MIST chain through the runner; AUCs before/after and each stage's seconds."""
     from pipeline.config import build_config
     from pipeline.runner import Context, Runner
@@ -109,15 +113,40 @@ def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int)
     out = {
         "auc_generator": frame_auc(g, load_split(ext, test_v), gt),
         "auc_esga": reports["evaluate"].summary["auc"],
-        f"auc_{other}_pretrained": other_detector_auc(other, other_iterations, cfg.train.seed, load_split(ext, train_v), labels, load_split(ext, test_v), gt),
-        f"auc_{other}_mist": other_detector_auc(other, other_iterations, cfg.train.seed, load_split(mext, train_v), labels, load_split(mext, test_v), gt),
         "seconds": {name: round(r.seconds, 1) for name, r in reports.items()},
         "total_seconds": round(total, 1),
         "stage2": reports["train"].summary,
         "stage2_step_seconds": stage2_step_seconds(reports["train"].path, cfg.train.ft_freeze_epochs),
+        "feature_change": feature_change(ext, mext, [v.id for v in test_v]),
         "cached": [name for name, r in reports.items() if r.state == "done"],
     }
+    for tag, sd in (("pretrained", ext), ("mist", mext)):
+        train, test = load_split(sd, train_v), load_split(sd, test_v)
+        aucs = [other_detector_auc(other, other_iterations, seed, train, labels, test, gt) for seed in other_seeds or [cfg.train.seed]]
+        out[f"auc_{other}_{tag}"] = float(np.mean(aucs))
+        out[f"auc_{other}_{tag}_per_seed"] = aucs
     return out
+
+
+def feature_change(ext, mext, ids: list[str]) -> dict[str, float]:
+    """How far stage II moved the test videos' features: mean (and min) cosine between each clip's
+    pretrained and re-extracted feature, their norm ratio, and the spread of E_SGA's attention maps
+    (mean of each map's standard deviation over its ``h x w`` cells; 0 = a flat map)."""
+    cos, ratio, spread = [], [], []
+    for vid in ids:
+        a = ext.load_item(vid)[1]["features"].astype(np.float64)  # [T, C, D]
+        _, arrays = mext.load_item(vid)
+        b = arrays["features"].astype(np.float64)
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [T * C, D]
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        cos.append((a * b).sum(1) / (na * nb))
+        ratio.append(nb / na)
+        att = arrays["attention"].astype(np.float32)  # [T, C, h, w]
+        spread.append(att.reshape(*att.shape[:2], -1).std(-1).ravel())
+    cos_all = np.concatenate(cos)
+    return {"cosine_mean": round(float(cos_all.mean()), 4), "cosine_min": round(float(cos_all.min()), 4),
+            "norm_ratio": round(float(np.concatenate(ratio).mean()), 3),
+            "attention_spread": round(float(np.concatenate(spread).mean()), 4)}
 
 
 def stage2_step_seconds(train_dir: Path, freeze_epochs: int) -> dict[str, list[float]]:
@@ -173,6 +202,7 @@ def main() -> None:
     p.add_argument("--ft-batch-videos", type=int, default=10)
     p.add_argument("--other", default="ar_net")
     p.add_argument("--other-iterations", type=int, default=300)
+    p.add_argument("--other-seeds", type=int, nargs="*", default=None, help="seeds of the other detector (default: train.seed)")
     p.add_argument("--set", action="append", default=[], dest="sets", help="more --set overrides")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -187,7 +217,7 @@ def main() -> None:
     results = {}
     if a.dataset == "demo":
         run_dir = a.run_dir or ROOT / "runs" / "mist-demo"
-        results["demo"] = run_chain(run_dir, ["data.manifest=demo", *common], a.other, a.other_iterations)
+        results["demo"] = run_chain(run_dir, ["data.manifest=demo", *common], a.other, a.other_iterations, a.other_seeds)
     else:
         from ped2_detectors import ped2_intervals
 
@@ -197,7 +227,7 @@ def main() -> None:
             run_dir = (a.run_dir or ROOT / "runs" / "mist-ped2") / f"fold{fold}"
             manifest = ped2_fold_manifest(run_dir, *folds[fold])
             sets = [f"data.manifest={manifest}", f"data.root={run_dir / 'data'}", *common]
-            results[f"ped2_fold{fold}"] = run_chain(run_dir, sets, a.other, a.other_iterations)
+            results[f"ped2_fold{fold}"] = run_chain(run_dir, sets, a.other, a.other_iterations, a.other_seeds)
     env = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
