@@ -51,7 +51,7 @@ def torchrun(manifest: Path, run_dir: Path, nproc: int, env: dict[str, str] | No
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(launcher), "-q", "run", "--stage", "extract", "--run-dir", str(run_dir), *sets]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full_env)
 
 
 def events(path: Path) -> list[list[str]]:

@@ -102,7 +102,7 @@ def launch(run_dir: Path, manifest: Path, log: Path, slow: float) -> multiproces
 def kill_when(proc: multiprocessing.process.BaseProcess, events: Events, kind: str, delay: float) -> bool:
     """SIGKILL ``proc`` ``delay`` seconds after its next ``kind`` event; False if it ended first."""
     n0 = events.count(kind)
-    deadline = time.time() + 60
+    deadline = time.time() + 600  # a hang guard, generous for a loaded CI machine
     while events.count(kind) == n0 and proc.is_alive() and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(delay)
@@ -129,7 +129,7 @@ def test_sigkill_at_random_points_of_extract_and_train(dataset, reference, tmp_p
     assert killed >= 3  # the delays are drawn inside the work, so the kills land in it
     steps_before = events.count("step")
     proc = launch(run_dir, dataset, events.path, slow=0.0)
-    proc.join(120)
+    proc.join(900)  # a hang guard only: a loaded 2-core machine took over 120 s here
     assert proc.exitcode == 0
     assert events.redone() == []
     assert 0 < steps_before  # training was interrupted at least once with steps done
