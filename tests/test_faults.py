@@ -12,14 +12,15 @@ import os
 import random
 import re
 import signal
-import multiprocessing
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import install_test_hooks
+from conftest import write_launcher
 from pipeline import cache
 from pipeline.cli import main
 from pipeline.runner import StageDir
@@ -82,24 +83,39 @@ class Events:
         return out
 
 
-def _child(args: list[str], env: dict[str, str]) -> None:
-    os.environ.update(env)
-    install_test_hooks()
-    os._exit(main(args))
+class Child:
+    """A ``pipeline`` CLI run in a child process, with the few ``multiprocessing.Process`` methods the
+    kill helpers use. A fresh interpreter (not ``fork``): forking this multithreaded test process
+    (torch, PyAV and decode threads from earlier tests) could leave a lock held in the child, which
+    then hung in a futex."""
+
+    def __init__(self, args: list[str], env: dict[str, str], launcher: Path) -> None:
+        self.popen = subprocess.Popen([sys.executable, str(launcher), *args], env={**os.environ, **env})
+        self.pid = self.popen.pid
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
 
 
-def launch(run_dir: Path, manifest: Path, log: Path, slow: float) -> multiprocessing.process.BaseProcess:
-    """``pipeline run --stage evaluate`` in a forked child (no interpreter start-up: seconds saved
-    per run), with the test hooks logging to ``log``."""
+def launch(run_dir: Path, manifest: Path, log: Path, slow: float) -> Child:
+    """``pipeline run --stage evaluate`` in a child process, with the test hooks logging to ``log``."""
     sets = sum((["--set", s] for s in [f"data.manifest={manifest}", *SETTINGS]), [])
     args = ["-q", "run", "--stage", "evaluate", "--run-dir", str(run_dir), *sets]
     env = {"WSVAD_TEST_EVENTS": str(log), "WSVAD_TEST_SLOW": str(slow)}
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(args, env))
-    proc.start()
-    return proc
+    return Child(args, env, write_launcher(log.parent))
 
 
-def kill_when(proc: multiprocessing.process.BaseProcess, events: Events, kind: str, delay: float) -> bool:
+def kill_when(proc: Child, events: Events, kind: str, delay: float) -> bool:
     """SIGKILL ``proc`` ``delay`` seconds after its next ``kind`` event; False if it ended first."""
     n0 = events.count(kind)
     deadline = time.time() + 600  # a hang guard, generous for a loaded CI machine
