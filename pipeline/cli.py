@@ -26,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger("pipeline")
 
-STAGE_CHOICES = ("extract", "segment", "train", "evaluate", "all")
+STAGE_CHOICES = ("flow", "extract", "segment", "train", "evaluate", "all")  # flow: precompute TV-L1 alone
 
 
 def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/default") -> None:
