@@ -1,4 +1,7 @@
-"""The pipeline's stages, in dependency order: extract -> segment -> train -> evaluate.
+"""The pipeline's stages, in dependency order: (flow ->) extract -> segment -> train -> evaluate.
+
+``flow`` runs only when ``extract.modality`` reads flow; MIST's stages (``stages/mist.py``) only for
+``--method mist``: both are ``optional`` stages.
 
 ``decode`` is not a stage of its own: the extract stage decodes each video in bounded chunks
 (``pipeline.video``) and never stores raw frames.
