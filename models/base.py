@@ -201,6 +201,29 @@ class MILBatch:
         return dataclasses.replace(self, **moved)
 
 
+@dataclass
+class CropsBatch(MILBatch):
+    """A :class:`MILBatch` of all crops (RTFM's and NG-MIL's composition): ``abnormal`` ``[Ba*C, S, D]``,
+    ``normal`` ``[Bn*C, S, D]``.
+
+    Video-major rows: rows ``i*C .. i*C+C-1`` are the C crops of video i.
+    """
+
+    crops: int = 1
+
+
+def all_crops_batch(bank: "FeatureBank", batch_abnormal: int, batch_normal: int, gen: torch.Generator) -> CropsBatch:
+    """``batch_abnormal`` anomalous + ``batch_normal`` normal videos of ``bank``, each with all its crops
+    (PROTOCOLS.md: RTFM trains on all 10 crops)."""
+    a = _draw(bank.abnormal_index, batch_abnormal, gen)
+    n = _draw(bank.normal_index, batch_normal, gen)
+    return CropsBatch(
+        abnormal=torch.as_tensor(bank.features[a]).flatten(0, 1),
+        normal=torch.as_tensor(bank.features[n]).flatten(0, 1),
+        crops=int(bank.features.shape[1]),
+    )
+
+
 def _draw(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """``k`` entries of ``index`` without replacement, or with replacement when there are fewer than ``k``."""
     n = index.numel()

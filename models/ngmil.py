@@ -101,7 +101,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import Detector, FeatureBank, MILBatch, TrainConfig, _draw, mlp_head, xavier_init_
+from .base import Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, xavier_init_
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,6 @@ class NGMILConfig(TrainConfig):
             raise ValueError("kernel_size must be odd (same-length output)")
         if self.kmeans_iters < 0 or self.setup_chunk < 1:
             raise ValueError("kmeans_iters must be >= 0 and setup_chunk >= 1")
-
-
-@dataclass
-class NGMILBatch(MILBatch):
-    """A :class:`MILBatch` of all crops: ``abnormal`` ``[Ba*C, S, D]``, ``normal`` ``[Bn*C, S, D]``.
-
-    Video-major rows: rows ``i*C .. i*C+C-1`` are the C crops of video i.
-    """
-
-    crops: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,13 +516,7 @@ class NGMIL(Detector):
         """``batch_abnormal`` + ``batch_normal`` videos: all their crops (``crops = "all"``) or one random crop."""
         if self.cfg.crops == "one":
             return super().sample_batch(bank, gen)
-        a = _draw(bank.abnormal_index, self.cfg.batch_abnormal, gen)
-        n = _draw(bank.normal_index, self.cfg.batch_normal, gen)
-        return NGMILBatch(
-            abnormal=torch.as_tensor(bank.features[a]).flatten(0, 1),
-            normal=torch.as_tensor(bank.features[n]).flatten(0, 1),
-            crops=int(bank.features.shape[1]),
-        )
+        return all_crops_batch(bank, self.cfg.batch_abnormal, self.cfg.batch_normal, gen)
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
         """Eq. 11 on one batch; in training mode, then Eq. 3 on the normal bags' features (no gradient)."""

@@ -54,7 +54,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import Detector, FeatureBank, MILBatch, TrainConfig, _draw, mlp_head, xavier_init_
+from .base import CropsBatch, Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, xavier_init_
 
 
 @dataclass
@@ -111,16 +111,6 @@ class RTFMConfig(TrainConfig):
             raise ValueError("dilations needs at least one positive dilation")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError("kernel_size must be odd (same-length output)")
-
-
-@dataclass
-class RTFMBatch(MILBatch):
-    """A :class:`MILBatch` of all crops: ``abnormal`` ``[Ba*C, S, D]``, ``normal`` ``[Bn*C, S, D]``.
-
-    Video-major rows: rows ``i*C .. i*C+C-1`` are the C crops of video i.
-    """
-
-    crops: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,15 +376,9 @@ class RTFM(Detector):
         """``x``: ``[B, S, D]`` float32 (one row per crop) -> ``[B, S]`` scores in [0, 1]."""
         return self.classify(self.features(x))
 
-    def sample_batch(self, bank: FeatureBank, gen: torch.Generator) -> RTFMBatch:
+    def sample_batch(self, bank: FeatureBank, gen: torch.Generator) -> CropsBatch:
         """``batch_abnormal`` anomalous + ``batch_normal`` normal videos with all their crops (PROTOCOLS.md)."""
-        a = _draw(bank.abnormal_index, self.cfg.batch_abnormal, gen)
-        n = _draw(bank.normal_index, self.cfg.batch_normal, gen)
-        return RTFMBatch(
-            abnormal=bank.features[a].flatten(0, 1),
-            normal=bank.features[n].flatten(0, 1),
-            crops=int(bank.features.shape[1]),
-        )
+        return all_crops_batch(bank, self.cfg.batch_abnormal, self.cfg.batch_normal, gen)
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
         c = int(getattr(batch, "crops", 1))

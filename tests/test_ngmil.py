@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models import DETECTORS, FeatureBank
+from models.base import CropsBatch
 from models.ngmil import (
     NGMIL,
-    NGMILBatch,
     NGMILConfig,
     TemporalEncoder,
     cosine_similarities,
@@ -289,7 +289,7 @@ def test_losses_update_prototypes_from_normal_bags_in_training_only():
     assert not torch.equal(model.prototypes, p0)
     # the anomalous bags do not move the prototypes
     model.prototypes.copy_(p0)
-    other = NGMILBatch(abnormal=batch.abnormal + 3.0, normal=batch.normal)
+    other = CropsBatch(abnormal=batch.abnormal + 3.0, normal=batch.normal)
     model.losses(other)
     assert torch.allclose(model.prototypes, update_prototypes(p0, normal_proj, 0.1))
 
@@ -324,14 +324,14 @@ def test_sample_batch_takes_all_crops_and_keeps_them_through_to():
     bank = bank_with_crops(8, 10)
     model = NGMIL(D, small_cfg(batch_abnormal=3, batch_normal=2))
     batch = model.sample_batch(bank, torch.Generator().manual_seed(0))
-    assert isinstance(batch, NGMILBatch) and batch.crops == 10
+    assert isinstance(batch, CropsBatch) and batch.crops == 10
     assert batch.abnormal.shape == (30, S, D) and batch.normal.shape == (20, S, D)
     for rows, want_label in ((batch.abnormal, 1), (batch.normal, 0)):
         for v in rows.view(-1, 10, S, D):  # video-major rows
             match = [i for i in range(8) if torch.equal(bank.features[i], v)]
             assert len(match) == 1 and bank.labels[match[0]].item() == want_label
     moved = batch.to("cpu")
-    assert isinstance(moved, NGMILBatch) and moved.crops == 10
+    assert isinstance(moved, CropsBatch) and moved.crops == 10
     one = NGMIL(D, small_cfg(crops="one")).sample_batch(bank, torch.Generator().manual_seed(0))
     assert one.abnormal.shape == (2, S, D) and getattr(one, "crops", 1) == 1
 

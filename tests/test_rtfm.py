@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models import DETECTORS, FeatureBank
+from models.base import CropsBatch
 from models.rtfm import (
     RTFM,
     MultiScaleTemporalNetwork,
-    RTFMBatch,
     RTFMConfig,
     TemporalSelfAttention,
     feature_magnitude_loss,
@@ -189,7 +189,7 @@ def test_sample_batch_takes_all_ten_crops():
     cfg = RTFMConfig(batch_abnormal=3, batch_normal=2)
     model = RTFM(D, cfg)
     batch = model.sample_batch(bank, torch.Generator().manual_seed(0))
-    assert isinstance(batch, RTFMBatch) and batch.crops == 10
+    assert isinstance(batch, CropsBatch) and batch.crops == 10
     assert batch.abnormal.shape == (30, S, D) and batch.normal.shape == (20, S, D)
     # video-major rows: each block of 10 rows is one video's 10 crops, in order
     for rows, want_label in ((batch.abnormal, 1), (batch.normal, 0)):
