@@ -212,6 +212,20 @@ class CropsBatch(MILBatch):
     crops: int = 1
 
 
+def stack_crops(batch: MILBatch) -> tuple[torch.Tensor, int, int, int, torch.Tensor]:
+    """One tensor of a (:class:`CropsBatch` or one-crop) batch's bags, anomalous first.
+
+    Returns:
+        ``x`` ``[(Va+Vn)*C, S, D]`` (video-major rows), ``va``, ``vn`` (videos), ``c`` (crops per
+        video) and ``labels`` ``[Va+Vn]`` int64 on ``x``'s device (1 anomalous, 0 normal).
+    """
+    c = int(getattr(batch, "crops", 1))
+    x = torch.cat([batch.abnormal, batch.normal])
+    va, vn = batch.abnormal.shape[0] // c, batch.normal.shape[0] // c
+    labels = torch.cat([torch.ones(va, dtype=torch.long), torch.zeros(vn, dtype=torch.long)]).to(x.device)
+    return x, va, vn, c, labels
+
+
 def all_crops_batch(bank: "FeatureBank", batch_abnormal: int, batch_normal: int, gen: torch.Generator) -> CropsBatch:
     """``batch_abnormal`` anomalous + ``batch_normal`` normal videos of ``bank``, each with all its crops
     (PROTOCOLS.md: RTFM trains on all 10 crops)."""

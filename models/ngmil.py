@@ -101,7 +101,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, xavier_init_
+from .base import Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, stack_crops, xavier_init_
 
 log = logging.getLogger(__name__)
 
@@ -520,9 +520,7 @@ class NGMIL(Detector):
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
         """Eq. 11 on one batch; in training mode, then Eq. 3 on the normal bags' features (no gradient)."""
-        c = int(getattr(batch, "crops", 1))
-        x = torch.cat([batch.abnormal, batch.normal])  # [(Va+Vn)*C, S, D]
-        va, vn = batch.abnormal.shape[0] // c, batch.normal.shape[0] // c
+        x, va, vn, c, labels = stack_crops(batch)  # x [(Va+Vn)*C, S, D]
         s = x.shape[1]
         feats = self.features(x)  # [(Va+Vn)*C, S, W]
         proj = self.project(feats)  # [(Va+Vn)*C, S, P]
@@ -533,7 +531,6 @@ class NGMIL(Detector):
         # a copy: the buffer is updated in place below while autograd still needs this step's values
         protos = self.prototypes.clone()
         scores = self.ensemble(feats, proj, protos).view(va + vn, c, s).mean(dim=1)  # crop-averaged r [V, S]
-        labels = torch.cat([torch.ones(va, dtype=torch.long), torch.zeros(vn, dtype=torch.long)]).to(x.device)
         terms = ngmil_losses(scores, proj.view(va + vn, c, s, -1), labels, protos, self.cfg)
         if self.training:
             self.prototypes.copy_(update_prototypes(self.prototypes, normal_proj, self.cfg.momentum))

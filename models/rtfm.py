@@ -54,7 +54,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import CropsBatch, Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, xavier_init_
+from .base import CropsBatch, Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, stack_crops, xavier_init_
 
 
 @dataclass
@@ -381,9 +381,7 @@ class RTFM(Detector):
         return all_crops_batch(bank, self.cfg.batch_abnormal, self.cfg.batch_normal, gen)
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
-        c = int(getattr(batch, "crops", 1))
-        x = torch.cat([batch.abnormal, batch.normal])  # [(Va+Vn)*C, S, D]
-        va, vn = batch.abnormal.shape[0] // c, batch.normal.shape[0] // c
+        x, va, vn, c, labels = stack_crops(batch)  # x [(Va+Vn)*C, S, D]
         s = x.shape[1]
         feats = self.features(x)
         scores = self.classify(feats).view(va + vn, c, s).mean(dim=1)  # crop-averaged [V, S]
@@ -391,7 +389,6 @@ class RTFM(Detector):
         p = self.cfg.dropout if self.cfg.magnitude_dropout is None else self.cfg.magnitude_dropout
         keep = F.dropout(torch.ones_like(scores), p, training=self.training)  # 0 or 1/(1-p) per snippet
         idx = topk_indices(magnitudes.detach(), self.cfg.k, keep)
-        labels = torch.cat([torch.ones(va, dtype=torch.long), torch.zeros(vn, dtype=torch.long)]).to(x.device)
         g = None
         if self.cfg.loss_form == "code":  # the released code's norm of the mean top-k feature
             g = topk_feature_norm(feats.view(va + vn, c, s, -1), idx)
