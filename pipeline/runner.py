@@ -547,9 +547,10 @@ class Runner:
 
             fps = self.ctx.cfg.data.folder_fps
             weights = [float(estimate_frames(self.ctx.manifest.resolve(v), fps)) if stage.shard_by_frames else 1.0 for v in todo]
-            shares = shard([v.id for v in todo], weights, world)
+            weight_of = dict(zip((v.id for v in todo), weights))
+            shares = shard(list(weight_of), weights, world)
             log.info("%s: %d videos to compute over %d ranks (%s per rank)", stage.name, len(todo), world,
-                     " / ".join(f"{sum(w for v, w in zip(todo, weights) if v.id in set(s)):.0f}" for s in shares))
+                     " / ".join(f"{sum(weight_of[i] for i in s):.0f}" for s in shares))
         else:
             shares = [[v.id for v in todo]]
         return {"done": False, "videos": [v.id for v in videos], "cached": len(videos) - len(todo), "shares": shares}
