@@ -137,10 +137,10 @@ def decode_clips(path: Any, starts: list[int], clip_len: int, folder_fps: float)
     """
     from pipeline.video import VideoDecodeError, open_video
 
-    need = {f: [] for f in range(min(starts), max(starts) + clip_len)}
+    need: dict[int, list[tuple[int, int]]] = {}  # frame -> (clip, position) slots it fills
     for i, s in enumerate(starts):
         for t in range(clip_len):
-            need[s + t].append((i, t))
+            need.setdefault(s + t, []).append((i, t))
     out: np.ndarray | None = None
     filled = np.zeros((len(starts), clip_len), bool)
     last = max(starts) + clip_len
