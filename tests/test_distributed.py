@@ -20,6 +20,7 @@ from pipeline.config import build_config
 from pipeline.distributed import estimate_frames, from_env, shard
 from pipeline.runner import Context, Runner, StageDir, StageReport
 from stages import all_stages
+from test_runner import cli_args
 
 LONG = 192  # frames of the long video; the five others have 48
 SETTINGS = ["extract.backbone=test_motion", "extract.crops=center"]
@@ -47,9 +48,8 @@ def run_in_process(manifest: Path, run_dir: Path) -> StageReport:
 def torchrun(manifest: Path, run_dir: Path, nproc: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     launcher = write_launcher(run_dir.parent)
-    sets = sum((["--set", s] for s in [f"data.manifest={manifest}", *SETTINGS]), [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(launcher), "-q", "run", "--stage", "extract", "--run-dir", str(run_dir), *sets]
+           str(launcher), *cli_args(run_dir, manifest, "extract", SETTINGS)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full_env)
 

@@ -24,7 +24,7 @@ from conftest import write_launcher
 from pipeline import cache
 from pipeline.cli import main
 from pipeline.runner import StageDir
-from test_runner import SETTINGS, by_stage, make_dataset, make_runner
+from test_runner import by_stage, cli_args, make_dataset, make_runner
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,7 @@ class Child:
 
 def launch(run_dir: Path, manifest: Path, log: Path, slow: float) -> Child:
     """``pipeline run --stage evaluate`` in a child process, with the test hooks logging to ``log``."""
-    sets = sum((["--set", s] for s in [f"data.manifest={manifest}", *SETTINGS]), [])
-    args = ["-q", "run", "--stage", "evaluate", "--run-dir", str(run_dir), *sets]
+    args = cli_args(run_dir, manifest, "evaluate")
     env = {"WSVAD_TEST_EVENTS": str(log), "WSVAD_TEST_SLOW": str(slow)}
     return Child(args, env, write_launcher(log.parent))
 
@@ -256,7 +255,7 @@ def run_dir_relative(report) -> Path:
 
 
 def test_disk_full_while_extracting(dataset, reference, tmp_path, monkeypatch, capsys):
-    args = ["-q", "run", "--stage", "extract", "--run-dir", str(tmp_path)] + sum((["--set", s] for s in [f"data.manifest={dataset}", *SETTINGS]), [])
+    args = cli_args(tmp_path, dataset, "extract")
     make_runner(dataset, tmp_path)  # registers test_motion
     orig = cache._write_file
     seen = disk_full_at(monkeypatch, "train5.features.npy")

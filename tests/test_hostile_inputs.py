@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, moving_square_video, register_test_extractor
 from pipeline.cli import main
 from pipeline.runner import CorruptArtifact, StageDir
-from test_runner import SETTINGS, by_stage, make_dataset, make_runner
+from test_runner import by_stage, cli_args, make_dataset, make_runner
 from test_video import write_mp4
 
 #: broken inputs added to the 12 good videos of tests/test_runner.py: id -> (path, what the error says)
@@ -33,12 +33,6 @@ BROKEN = {
     "badimage": ("badimage", "not a readable JPEG/PNG image"),
     "black": ("black.mp4", "non-finite features"),
 }
-
-
-def cli_args(run_dir: Path, manifest: Path, stage: str = "all") -> list[str]:
-    return ["-q", "run", "--stage", stage, "--run-dir", str(run_dir)] + sum(
-        (["--set", s] for s in [f"data.manifest={manifest}", *SETTINGS]), []
-    )
 
 
 def latest(run_dir: Path) -> dict[str, Path]:

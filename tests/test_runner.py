@@ -57,6 +57,13 @@ def make_runner(manifest: Path, run_dir: Path, extra: list[str] = ()) -> Runner:
     return Runner(Context(cfg, run_dir, progress=False), all_stages())
 
 
+def cli_args(run_dir: Path, manifest: Path, stage: str = "all", settings: list[str] = SETTINGS) -> list[str]:
+    """``pipeline`` CLI arguments of a quiet ``run --stage STAGE`` with ``settings`` on ``manifest``."""
+    return ["-q", "run", "--stage", stage, "--run-dir", str(run_dir)] + [
+        a for s in [f"data.manifest={manifest}", *settings] for a in ("--set", s)
+    ]
+
+
 def by_stage(reports):
     return {r.stage: r for r in reports}
 
