@@ -10,7 +10,9 @@ Crop orders (PROTOCOLS.md, 'Features and clips'):
 :func:`resize_frames` and :func:`spatial_crops` work on one clip; :func:`preprocess_clips` is the
 extract stage's batched path: uint8 clips already on the network's device are converted to float
 there, resized (the same float resize as :func:`resize_frames`, so the values are identical),
-normalised once per resized frame, and cropped with one copy straight into the network's input layout.
+normalised once per resized frame (or per crop, when a single crop holds fewer pixels), and cropped
+with one copy per crop straight into the network's input layout, in pieces of at most
+``max_elements`` input values.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-#: default input values per piece of :func:`preprocess_clips` (2**22: one 16-frame 320x240 clip, so
-#: the CPU holds one clip's float intermediates at a time, as the per-clip path did; the extract stage
-#: passes :data:`RESIZE_MAX_ELEMENTS_CUDA` on a GPU, where fewer, larger kernels are faster)
+#: default input values per piece of :func:`preprocess_clips` (2**22: one 16-frame 320x240 clip or
+#: 8 frames of 480x360, so the CPU holds at most one clip's float intermediates at a time, each under
+#: glibc's 32 MB mmap threshold; the extract stage passes :data:`RESIZE_MAX_ELEMENTS_CUDA` on a GPU,
+#: where fewer, larger kernels are faster)
 RESIZE_MAX_ELEMENTS = 2**22
 #: 2**28 float32 values = 1 GiB: a batch of eight 16-frame 1080p clips in about two pieces
 RESIZE_MAX_ELEMENTS_CUDA = 2**28
@@ -143,6 +146,20 @@ def _output(shape: tuple[int, ...], device: torch.device, memory_format: torch.m
     return torch.empty(shape, dtype=torch.float32, device=device, memory_format=memory_format)
 
 
+def _pieces(b: int, t: int, frames: int) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, t0, t1)``: clips ``[b0, b1)``, frames ``[t0, t1)`` of each, at most ``frames``
+    frames per piece (at least one): whole clips when one fits, else runs of one clip's frames.
+
+    Frame-sized pieces keep a large frame's float intermediates small: a 16-frame 480x360 clip is
+    33 MB of float32, above glibc's largest mmap threshold (32 MB), so each such piece was a fresh
+    mmap whose pages all faulted in.
+    """
+    if frames >= t:
+        per = frames // t
+        return [(b0, min(b, b0 + per), 0, t) for b0 in range(0, b, per)]
+    return [(bi, bi + 1, t0, min(t, t0 + frames)) for bi in range(b) for t0 in range(0, t, frames)]
+
+
 def preprocess_clips(
     clips: torch.Tensor,
     resize: tuple,
@@ -166,9 +183,10 @@ def preprocess_clips(
     pixels than the resized frame (a single centre crop), once on the crops; set
     ``normalize_after_crop`` for a normalisation that is not pointwise.
 
-    Memory: clips are processed in pieces of whole clips holding at most ``max_elements`` input
-    values (at least one clip), each piece's float frames resized, normalised and copied into the
-    output before the next piece starts, so besides the output only one piece's intermediates exist.
+    Memory: clips are processed in pieces holding at most ``max_elements`` input values (whole
+    clips when one fits, else consecutive frames of one clip; at least one frame), each piece's
+    float frames resized, normalised and copied into the output before the next piece starts, so
+    besides the output only one piece's intermediates exist.
 
     Args:
         clips: ``[B, T, H, W, 3]`` uint8 RGB.
@@ -179,7 +197,7 @@ def preprocess_clips(
         normalize: the extractor's ``normalize``, taking and returning ``[N, 3, T, h, w]``;
             ``None`` leaves values in [0, 255].
         memory_format: layout of the returned tensor (``torch.channels_last_3d`` for cuDNN).
-        max_elements: input values (``T * H * W * 3`` per clip) per piece.
+        max_elements: input values (``H * W * 3`` per frame) per piece.
         buffer: a float32 tensor to write the result into when its first rows fit: same trailing
             shape, device and layout, at least as many rows (the result is then a view of its first
             rows). Reusing one buffer across batches spares the allocation and, on the CPU, the
@@ -195,10 +213,12 @@ def preprocess_clips(
     oh, ow = resized_size(h, w, resize)
     n_crops = len(crop_names(crops, order))
     cropped_area = n_crops * crop_size * crop_size if crops != "none" else oh * ow
-    # a pointwise normalisation costs the same values either way: run it where there are fewer pixels
-    # (before cropping for 10 and 5 crops, after for a single centre crop)
-    late = normalize is not None and (normalize_after_crop or cropped_area < oh * ow)
-    pre = normalize if normalize is not None and not late else None
+    # a pointwise normalisation gives the same values either way: run it where there are fewer
+    # pixels (on the resized frames for 10 and 5 crops, on each piece's crop for a single centre
+    # crop); one that is not pointwise runs on the whole network input at the end
+    late = normalize is not None and normalize_after_crop
+    post = normalize if normalize is not None and not late and cropped_area < oh * ow else None
+    pre = normalize if normalize is not None and not late and post is None else None
     if crops == "none":
         names, s = ["full"], 0
         out = _output((b, 3, t, oh, ow), clips.device, memory_format, buffer)
@@ -211,27 +231,33 @@ def preprocess_clips(
         view = out.view(b, len(names), 3, t, s, s)
     boxes = _crop_boxes(oh, ow, s) if s else {}
     any_flip = any(n.endswith("_flip") for n in names)
-    per_piece = max(1, max_elements // (t * h * w * 3))
-    for b0 in range(0, b, per_piece):
-        piece = clips[b0 : b0 + per_piece]
-        p = piece.shape[0]
-        x = _resize_planar(piece.reshape(p * t, h, w, 3), (oh, ow))  # [p*T, 3, oh, ow] float32
-        x = x.view(p, t, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [p, 3, T, oh, ow], a view
+    for b0, b1, t0, t1 in _pieces(b, t, max(1, max_elements // (h * w * 3))):
+        p, pt = b1 - b0, t1 - t0
+        x = _resize_planar(clips[b0:b1, t0:t1].reshape(p * pt, h, w, 3), (oh, ow))  # [p*pt, 3, oh, ow] float32
+        x = x.view(p, pt, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [p, 3, pt, oh, ow], a view
+        if s and memory_format != torch.contiguous_format and cropped_area > oh * ow:
+            # when the crops hold more pixels than the frame (10 or 5 crops), one transposing copy of
+            # the resized frames instead of one per crop: a planar frame copied into channels_last_3d
+            # crops wrote 3 floats apart (10 copies of 320x240 frames: 3,000 frames/s), a
+            # channels-last one writes whole rows (5,000 frames/s; 2-core EPYC)
+            x = torch.empty_like(x, memory_format=memory_format).copy_(x)
         if pre is not None:
-            x = pre(x)
+            x = pre(x)  # pointwise: keeps the layout
         if not s:
-            view[b0 : b0 + p, 0].copy_(x)
+            view[b0:b1, 0, :, t0:t1].copy_(x)
             continue
         flipped = x.flip(-1) if any_flip else None  # one copy of the piece's frames
         for c, name in enumerate(names):
             if name.endswith("_flip"):
                 y0, x0 = boxes[name[:-5]]
                 # crop (y0, x0) of the image, mirrored == crop (y0, W - x0 - s) of the mirrored image
-                view[b0 : b0 + p, c].copy_(flipped[..., y0 : y0 + s, ow - x0 - s : ow - x0])
+                crop = flipped[..., y0 : y0 + s, ow - x0 - s : ow - x0]
             else:
                 y0, x0 = boxes[name]
-                view[b0 : b0 + p, c].copy_(x[..., y0 : y0 + s, x0 : x0 + s])
+                crop = x[..., y0 : y0 + s, x0 : x0 + s]
+            view[b0:b1, c, :, t0:t1].copy_(post(crop) if post is not None else crop)
         del x, flipped
     if late:
-        out = normalize(out)
+        # written back into the output, which stays the caller's reusable buffer
+        out.copy_(normalize(out))
     return out

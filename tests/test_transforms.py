@@ -54,3 +54,51 @@ def test_resize_short_side_and_fixed():
     assert resize_frames(tall, ("short", 100)).shape == (1, 3, 150, 100)
     # same size: values unchanged
     assert torch.equal(resize_frames(frames, ("short", 240)), frames.permute(0, 3, 1, 2).float())
+
+
+def reference_input(clips: torch.Tensor, crops: str, order: str, normalize) -> torch.Tensor:
+    """The per-clip path: resize each clip, cut its crops, then normalise: ``[B*C, 3, T, s, s]``."""
+    out = [spatial_crops(resize_frames(c, ("short", 40)), 32, crops, order).permute(0, 2, 1, 3, 4) for c in clips]
+    return normalize(torch.cat(out))
+
+
+@pytest.mark.parametrize("crops,order", [("10", "torchvision"), ("10", "roc-ng"), ("5", "torchvision"), ("center", "torchvision")])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "cl3d"])
+@pytest.mark.parametrize("max_elements", [1, 5 * 36 * 44 * 3, 2**22], ids=["frame", "5frames", "clips"])
+def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memory_format, max_elements: int) -> None:
+    """Bit for bit, whatever the piece size (single frames, runs of frames, whole clips), the
+    output layout and where a pointwise or a positional normalisation runs."""
+    from extractors.transforms import preprocess_clips
+
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 256, (3, 16, 36, 44, 3), dtype=torch.uint8, generator=g)
+    mean = torch.tensor([110.0, 100.0, 90.0]).view(3, 1, 1, 1)
+    pointwise = lambda x: (x - mean) / 58.0  # noqa: E731
+    # not pointwise: depends on the position in the crop (as C3D's mean volume does)
+    positional = lambda x: x - torch.arange(x.shape[-1], dtype=x.dtype)  # noqa: E731
+    for normalize, after in ((pointwise, False), (positional, True)):
+        ref = reference_input(clips, crops, order, normalize)
+        out = preprocess_clips(clips, ("short", 40), 32, crops, order, normalize=normalize, normalize_after_crop=after,
+                               memory_format=memory_format, max_elements=max_elements)
+        assert out.is_contiguous(memory_format=memory_format) and out.shape == ref.shape
+        assert torch.equal(out, ref)
+
+
+def test_preprocess_clips_writes_into_the_buffer() -> None:
+    """A fitting buffer (here dirty, and with spare rows) is filled and returned as a view of it,
+    also when a positional normalisation runs at the end; one that does not fit is left alone."""
+    from extractors.transforms import preprocess_clips
+
+    clips = torch.randint(0, 256, (2, 16, 36, 44, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    positional = lambda x: x - torch.arange(x.shape[-1], dtype=x.dtype)  # noqa: E731
+    cl = torch.channels_last_3d
+    for crops, after in (("10", False), ("center", False), ("10", True)):
+        norm = positional if after else (lambda x: x / 127.5 - 1)
+        ref = preprocess_clips(clips, ("short", 40), 32, crops, normalize=norm, normalize_after_crop=after, memory_format=cl)
+        buf = torch.full((30, 3, 16, 32, 32), float("nan")).contiguous(memory_format=cl)
+        out = preprocess_clips(clips, ("short", 40), 32, crops, normalize=norm, normalize_after_crop=after,
+                               memory_format=cl, buffer=buf)
+        assert out.data_ptr() == buf.data_ptr() and torch.equal(out, ref)
+    small = torch.zeros((5, 3, 16, 32, 32)).contiguous(memory_format=cl)
+    out = preprocess_clips(clips, ("short", 40), 32, "10", memory_format=cl, buffer=small)
+    assert out.data_ptr() != small.data_ptr() and not small.any()
