@@ -425,3 +425,30 @@ def test_float16_features_through_a_clip_level_detector(tmp_path: Path) -> None:
         cfg.train.short_schedule = True
     reports = {r.stage: r for r in Runner(Context(cfg, tmp_path / "run", progress=False), all_stages()).run(["evaluate"])}
     assert reports["evaluate"].state == "computed"
+
+
+def test_network_input_buffer_is_handed_from_video_to_video(video25: Path) -> None:
+    """One extractor's later videos reuse the buffer its first video allocated (same features), and
+    two videos extracted at once never share one."""
+    import stages.extract as extract
+
+    ex = TinyConv3d()
+    cfg = config("extract.crops=10", "extract.batch_clips=2")
+    first, _ = extract_video(cfg, ex, video25)
+    buf = extract._INPUT_BUFFERS[ex]
+    assert buf.shape[0] == 2 * 10
+    second, _ = extract_video(cfg, ex, video25)
+    assert extract._INPUT_BUFFERS[ex] is buf and np.array_equal(first, second)
+    # two generators interleaved: the first takes the buffer, the second allocates its own
+    a = iter_clip_features(cfg, ex, video25)
+    next(a)
+    assert ex not in extract._INPUT_BUFFERS
+    b = iter_clip_features(cfg, ex, video25)
+    got_a = [f for _, _, f in a]
+    got_b = [f for _, _, f in b]
+    assert np.array_equal(np.stack(got_a), first[1:]) and np.array_equal(np.stack(got_b), first)
+    del ex
+    import gc
+
+    gc.collect()
+    assert buf.data_ptr() not in [t.data_ptr() for t in extract._INPUT_BUFFERS.values()]
