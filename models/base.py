@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -374,11 +374,18 @@ class Detector(nn.Module):
         return out
 
 
-def fit(model: Detector, bank: FeatureBank | ClipBank, iterations: int, gen: torch.Generator) -> Detector:
+def fit(
+    model: Detector,
+    bank: FeatureBank | ClipBank,
+    iterations: int,
+    gen: torch.Generator,
+    on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+) -> Detector:
     """Train ``model`` in memory for ``iterations`` steps (no checkpoints) and return it in eval mode.
 
     The same step as the train stage's loop (``setup``, ``before_step``, ``sample_batch``,
     ``losses``, one optimiser step), for tests and benchmarks that need no resumability.
+    ``on_step(step, terms)``, if given, sees each step's detached loss terms after its update.
     """
     opt = model.make_optimizer()
     model.setup(bank, gen)
@@ -389,4 +396,6 @@ def fit(model: Detector, bank: FeatureBank | ClipBank, iterations: int, gen: tor
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()
+        if on_step is not None:
+            on_step(step, {k: v.detach() for k, v in terms.items()})
     return model.eval()
