@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-batches", type=int, nargs="*", default=[1, 8, 32, 64])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-cpu-torch", action="store_true", help="skip the PyTorch CPU runs")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd iteration on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the torch.compile'd iteration (CPU batches and, with a GPU, CUDA batches)")
     args = p.parse_args(argv)
 
     import cv2
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds, ref = time_opencv(gray)
     base = args.pairs / seconds
     print(f"{'tvl1_opencv (CPU)':<28} {1:>5} {seconds:>9.2f} {base:>9.2f} {1.0:>9.2f} {0.0:>8.4f} {'':>10}", flush=True)
-    runs = [] if args.no_cpu_torch else [("cpu", b, False) for b in args.batches]
+    runs = [] if args.no_cpu_torch else [("cpu", b, c) for c in (False, True) if c <= args.compile for b in args.batches]
     if torch.cuda.is_available():
         runs += [("cuda", b, False) for b in args.cuda_batches]
         runs += [("cuda", b, True) for b in args.cuda_batches if args.compile]

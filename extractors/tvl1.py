@@ -46,11 +46,14 @@ Only OpenCV's default ``gamma = 0`` (no illumination term) is implemented.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 #: OpenCV stops building the pyramid before a level whose width or height is below this.
 MIN_LEVEL_SIDE = 16
@@ -306,13 +309,35 @@ def _iteration(
 _compiled: dict[str, Any] = {}
 
 
+class _CompiledOrEager:
+    """The ``torch.compile``'d :func:`_iteration`, or the eager one from the first failure on.
+
+    Compiling needs a working backend (on the CPU, inductor needs a C++ compiler); where it fails,
+    the flow is still computed, by the eager iteration (the same arithmetic), after one warning.
+    """
+
+    def __init__(self) -> None:
+        self.compiled: Any = torch.compile(_iteration, dynamic=True, fullgraph=True)
+        self.failed = False
+
+    def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - dynamo/inductor raise many types; eager re-raises real errors
+                self.failed = True
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                log.warning("tvl1: torch.compile failed (%s: %s); using the eager iteration", type(e).__name__, first)
+        return _iteration(*args)
+
+
 def _iteration_fn(compile: bool) -> Any:
-    """:func:`_iteration`, through ``torch.compile`` when asked (compiled once per process; each
-    pyramid level's shape is one more specialisation)."""
+    """:func:`_iteration`, through ``torch.compile`` when asked (compiled once per process, with
+    dynamic shapes for the pyramid levels; eager if compiling fails: :class:`_CompiledOrEager`)."""
     if not compile:
         return _iteration
     if "iteration" not in _compiled:
-        _compiled["iteration"] = torch.compile(_iteration, dynamic=True, fullgraph=True)
+        _compiled["iteration"] = _CompiledOrEager()
     return _compiled["iteration"]
 
 

@@ -179,8 +179,10 @@ class FlowConfig:
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]' (tvl1_torch)", key=False)
     compile: bool = opt(
         False,
-        "tvl1_torch: fuse the inner iteration with torch.compile (meant for GPUs; compiling takes tens of "
-        "seconds; the flow differs from eager only by float rounding, mean 0.001 px on the CPU)",
+        "tvl1_torch: fuse the inner iteration with torch.compile, on a GPU or the CPU (2.5x the eager speed "
+        "on the CPU, BENCHMARKS.md; compiling takes tens of seconds once per process and needs a C++ "
+        "compiler on the CPU, else the eager iteration runs after a warning; the flow differs from eager "
+        "only by float rounding)",
         key=False,
     )
 
