@@ -293,6 +293,11 @@ class Stage:
         """For stages that are not per video: do the work, return a summary for the DONE marker."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Called when the stage's run ends (finished, partial or failed): drop what ``prepare``
+        loaded (networks, their input buffers), so that later stages of the same run, training
+        above all, get that memory back. A later ``prepare`` loads it again."""
+
 
 @dataclass
 class StageReport:
@@ -452,7 +457,10 @@ class Runner:
             if name in force and sd.path.exists() and self._main:
                 log.info("%s: --force, removing %s", name, sd.path)
                 shutil.rmtree(sd.path)
-            report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in self.upstream_of(name)})
+            try:
+                report = self._run_stage(stage, sd, inputs, {u: dirs[u] for u in self.upstream_of(name)})
+            finally:
+                stage.release()
             reports.append(report)
             if report.recompute:
                 raise _Recompute(report.recompute, reports)

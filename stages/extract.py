@@ -145,6 +145,11 @@ class ExtractStage(Stage):
 
                 self.extractor = SGAExtractor(self.extractor, cfg.encoder)
 
+    def release(self) -> None:
+        # the network, its weights on the device and, through _INPUT_BUFFERS' weak key, its input
+        # buffer (770 MB for 8 clips of 10 crops) go before training starts
+        self.extractor = self.importer = self.flow_extractor = None
+
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.importer is not None:
             feats, meta = self.importer.load(video, ctx.manifest.resolve(video))

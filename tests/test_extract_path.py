@@ -452,3 +452,31 @@ def test_network_input_buffer_is_handed_from_video_to_video(video25: Path) -> No
 
     gc.collect()
     assert buf.data_ptr() not in [t.data_ptr() for t in extract._INPUT_BUFFERS.values()]
+
+
+def test_extract_stage_releases_its_network_before_training(tmp_path: Path, monkeypatch) -> None:
+    """Once the extract stage's run ends, its network (and with it the input buffer) is gone, so
+    training in the same process gets the memory back; a later run loads a network again."""
+    import gc
+    import weakref
+
+    import stages.extract as extract
+    from test_runner import make_dataset, make_runner
+
+    runner = make_runner(make_dataset(tmp_path / "data"), tmp_path / "run")
+    stage = runner.stages["extract"]
+    seen: list = []
+    original = extract.extract_video
+
+    def spy(ctx, extractor, path):
+        seen.append(weakref.ref(extractor))
+        return original(ctx, extractor, path)
+
+    monkeypatch.setattr(extract, "extract_video", spy)
+    runner.run(["train"])
+    n_first = len(seen)
+    assert n_first == 12 and stage.extractor is None
+    gc.collect()
+    assert seen[0]() is None  # no reference left, the buffer's weak-keyed entry with it
+    runner.run(["extract"], force={"extract"})
+    assert len(seen) == 2 * n_first and stage.extractor is None
