@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import re
 import threading
@@ -275,12 +276,38 @@ class DecordVideo(VideoSource):
         return frames
 
 
+#: threads decoding a frame folder's images (OpenCV's imdecode releases the GIL): one folder decodes
+#: on up to this many cores, so that JPEG folders (Ped2, ShanghaiTech's test set) keep a GPU fed
+FOLDER_DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, Any] | None = None  # (pid, ThreadPoolExecutor)
+
+
+def _folder_pool() -> Any:
+    """The process's image-decoding thread pool, created on first use (and again in a forked child,
+    whose copy of the parent's pool has no threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = (os.getpid(), ThreadPoolExecutor(FOLDER_DECODE_THREADS, thread_name_prefix="wsvad-imdecode"))
+        return _pool[1]
+
+
 class FrameFolder(VideoSource):
-    """A folder of JPEG/PNG frames, one image per frame, in natural filename order."""
+    """A folder of JPEG/PNG frames, one image per frame, in natural filename order.
+
+    A chunk's images are decoded by :data:`FOLDER_DECODE_THREADS` threads (``threads``), each
+    writing its frame straight into the chunk; the frames and the first error (in frame order) are
+    the same as one thread's.
+    """
 
     kind = "frames"
 
-    def __init__(self, path: Path, fps: float = DEFAULT_FOLDER_FPS) -> None:
+    def __init__(self, path: Path, fps: float = DEFAULT_FOLDER_FPS, threads: int | None = None) -> None:
+        self.threads = FOLDER_DECODE_THREADS if threads is None else max(1, int(threads))
         try:
             names = [
                 p.name
@@ -315,17 +342,27 @@ class FrameFolder(VideoSource):
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
     def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        pool = _folder_pool() if self.threads > 1 else None
         for start in range(0, len(self.files), chunk_frames):
             files = self.files[start : start + chunk_frames]
             out = np.empty((len(files), self.height, self.width, 3), np.uint8)
-            for j, f in enumerate(files):
-                img = self._read(f)
+
+            def decode(j: int) -> None:
+                img = self._read(files[j])
                 if img.shape[:2] != (self.height, self.width):
                     raise VideoDecodeError(
-                        f"{f}: image is {img.shape[1]}x{img.shape[0]} but the folder's first frame "
+                        f"{files[j]}: image is {img.shape[1]}x{img.shape[0]} but the folder's first frame "
                         f"{self.files[0].name} is {self.width}x{self.height}; all frames must have one size"
                     )
                 out[j] = img
+
+            if pool is None or len(files) == 1:
+                for j in range(len(files)):
+                    decode(j)
+            else:
+                # results in frame order: the first failing frame's error is raised, as one thread would
+                for _ in pool.map(decode, range(len(files))):
+                    pass
             yield start, out
 
 

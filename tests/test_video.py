@@ -283,3 +283,20 @@ def test_unreadable_first_image_fails_at_open(tmp_path):
 def test_bad_chunk_size(mp4):
     with pytest.raises(ValueError):
         next(open_video(mp4).iter_chunks(0))
+
+
+def test_folder_decoding_threads_give_the_same_frames_and_first_error(tmp_path, truth):
+    """Frames decoded by several threads equal one thread's, chunk by chunk; with two bad images
+    the error names the first one in frame order, as one thread would."""
+    from pipeline.video import FrameFolder
+
+    frames = np.concatenate([truth, truth[::-1], truth])  # 3N frames
+    folder = write_folder(tmp_path / "many", frames, ".jpg")
+    one = read_chunks(FrameFolder(folder, threads=1), 7)
+    four = read_chunks(FrameFolder(folder, threads=4), 7)
+    assert np.array_equal(one[1], four[1]) and one[0] == four[0]
+    cv2.imwrite(str(folder / "011.jpg"), cv2.resize(frames[11], (W // 2, H // 2)))
+    (folder / "014.jpg").write_bytes(b"definitely not a jpeg")  # the same chunk, a cheaper failure
+    for threads in (1, 4):
+        with pytest.raises(VideoDecodeError, match=r"011\.jpg: image is 32x24"):
+            read_chunks(FrameFolder(folder, threads=threads), 16)
