@@ -221,6 +221,31 @@ def test_memory_mapped_bank_trains_the_same_weights(dataset, tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mapped_bank_is_copied_to_the_gpu_only_when_it_fits(tmp_path, monkeypatch):
+    """In RAM: to the device whole. Memory-mapped: stays mapped on the CPU; on CUDA copied in
+    chunks when it takes at most half the GPU's free memory (decided here with a given free size,
+    the copy itself recorded: no GPU needed)."""
+    from stages import train as train_stage
+
+    data = np.arange(10 * 3 * 4, dtype=np.float32).reshape(10, 3, 4)
+    mm = np.lib.format.open_memmap(tmp_path / "bank.npy", mode="w+", dtype=np.float32, shape=data.shape)
+    mm[:] = data
+    feats = torch.from_numpy(mm)
+    nbytes = data.nbytes
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert torch.equal(train_stage.bank_on_device(feats, cpu, limit_gb=4.0), feats)
+    assert train_stage.bank_on_device(feats, cpu, limit_gb=0.0) is feats  # mapped, CPU: read in place
+    copies = []
+    monkeypatch.setattr(train_stage, "copy_in_chunks", lambda src, device: copies.append((src, device)) or "on-gpu")
+    assert train_stage.bank_on_device(feats, cuda, 0.0, free_bytes=2 * nbytes - 1) is feats  # over half: stays
+    assert train_stage.bank_on_device(feats, cuda, 0.0, free_bytes=2 * nbytes) == "on-gpu"
+    assert copies == [(feats, cuda)]
+    monkeypatch.undo()
+    for chunk in (1, 3 * 4 * 4 * 3, 10**9):  # smaller than a row, three rows, everything
+        out = train_stage.copy_in_chunks(feats, cpu, chunk_bytes=chunk)
+        assert torch.equal(out, feats) and out.data_ptr() != feats.data_ptr()
+
+
 def test_validation_selection_never_uses_test_videos(dataset, tmp_path):
     r = by_stage(make_runner(dataset, tmp_path, ["train.selection=val", "train.val_every=20", "train.val_fraction=0.25"]).run(["train"]))["train"]
     assert r.summary["val_videos"] == 2 and r.summary["train_videos"] == 6
