@@ -3,7 +3,8 @@
 Segment-level detectors (``training_level() == "segments"``) train on the segment stage's bags, all loaded
 once into one ``[N, C, S, D]`` tensor; clip-level ones (AR-Net, CLAWS) on the extract stage's clips,
 concatenated into one ``[sum T, C, D]`` :class:`~models.base.ClipBank`. Either is memory-mapped from
-a file when larger than ``train.mmap_over_gb``; there are no per-step file reads. Every
+a file when larger than ``train.mmap_over_gb``; there are no per-step file reads. On a GPU the bank
+is moved to the device when it fits (:func:`bank_on_device`). Every
 ``train.checkpoint_every`` steps the model, optimiser, step, RNG states and config are written
 atomically to ``checkpoint.pt``; a rerun after a kill resumes from it and, with the same seed,
 ends with the same weights as an uninterrupted run. Model selection never looks at the test set:
