@@ -133,7 +133,8 @@ def time_detector(name: str, bank, device: torch.device, steps: int, warmup: int
 
 
 def main() -> None:
-    from models import DETECTORS
+    from models import DETECTORS, TrainConfig
+    from stages.train import bank_on_device
     from pipeline.runner import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -181,9 +182,12 @@ def main() -> None:
     if "clips" in levels.values():
         t = time.perf_counter()
         bank, gb, lengths = clip_bank(n_abn, n_norm, a.crops, a.dim, a.mean_clips, seed=0, tmp=a.tmp)
+        # placed as the train stage places it: stays mapped on the CPU, copied to a GPU it fits
+        bank.features = bank_on_device(bank.features, device, TrainConfig().mmap_over_gb)
         env["clip_bank"] = (
-            f"{tuple(bank.features.shape)}, {gb:.1f} GiB memory-mapped, clips per video mean {lengths.mean():.0f} "
-            f"median {np.median(lengths):.0f} max {lengths.max()}, built in {time.perf_counter() - t:.0f} s"
+            f"{tuple(bank.features.shape)}, {gb:.1f} GiB memory-mapped, "
+            f"{'copied to the GPU' if bank.features.is_cuda else 'read from the mapped file'}, clips per video mean "
+            f"{lengths.mean():.0f} median {np.median(lengths):.0f} max {lengths.max()}, built in {time.perf_counter() - t:.0f} s"
         )
         for n in names:
             if levels[n] == "clips":
@@ -192,7 +196,7 @@ def main() -> None:
         del bank
         (a.tmp / "clip_bank.npy").unlink(missing_ok=True)
     print(json.dumps({"env": env, "results": results}, indent=1))
-    print(f"\n| detector | batch | it/s | data share | ms data / step | ms compute / step | schedule | est. minutes |")
+    print("\n| detector | batch | it/s | data share | ms data / step | ms compute / step | schedule | est. minutes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['method']} | {r['batch']} | {r['it_per_s']} | {r['data_share']:.0%} | {r['ms_data_per_step']} | "

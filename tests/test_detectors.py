@@ -123,3 +123,33 @@ def test_sultani_l2_term_matches_keras_regulariser():
     expected = 1e-3 * sum(m.weight.pow(2).sum() for m in model.net if isinstance(m, torch.nn.Linear))
     assert terms["l2"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert terms["total"].item() == pytest.approx(sum(terms[k].item() for k in ("ranking", "smooth", "sparse", "l2")), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", DETECTORS.list())
+def test_trains_and_scores_on_cuda(name):
+    """Bank and model on the GPU, batches moved as the train stage moves them: finite losses for a
+    few steps, and the GPU model scores a video as its CPU copy does."""
+    import copy
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = DETECTORS.get(name, feature_dim=D, cfg=small_config(name)).to(device)
+    bank = bank_for(name)
+    bank.features = bank.features.to(device)
+    gen = torch.Generator().manual_seed(0)
+    opt = model.make_optimizer()
+    model.setup(bank, gen)
+    model.train()
+    for step in range(3):
+        model.before_step(bank, step, gen)
+        terms = model.losses(model.sample_batch(bank, gen).to(device))
+        assert torch.isfinite(terms["total"]), step
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+    model.eval()
+    on_cpu = copy.deepcopy(model).cpu()
+    bags = bank.bags(0)
+    torch.testing.assert_close(model.score(bags).cpu(), on_cpu.score(bags.cpu()), rtol=1e-4, atol=1e-4)

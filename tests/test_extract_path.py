@@ -345,6 +345,7 @@ def test_cache_key_fields() -> None:
     assert stage.config_inputs(config("extract.target_fps=30"))["extract.target_fps"] == 30.0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_path_matches_cpu(video25: Path) -> None:
     cpu = TinyConv3d()

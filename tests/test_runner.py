@@ -16,7 +16,7 @@ import torch
 from conftest import moving_square_video, register_test_extractor, write_video
 from pipeline.cli import main
 from pipeline.config import build_config
-from pipeline.runner import Context, Runner
+from pipeline.runner import Context, Runner, StageDir
 from stages import all_stages
 
 
@@ -244,6 +244,20 @@ def test_mapped_bank_is_copied_to_the_gpu_only_when_it_fits(tmp_path, monkeypatc
     for chunk in (1, 3 * 4 * 4 * 3, 10**9):  # smaller than a row, three rows, everything
         out = train_stage.copy_in_chunks(feats, cpu, chunk_bytes=chunk)
         assert torch.equal(out, feats) and out.data_ptr() != feats.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_whole_run_on_cuda_matches_the_cpu_run(dataset, tmp_path):
+    """Extract and train on the GPU: the same clips, features equal to the CPU's up to float
+    rounding, and an AUC as good."""
+    cpu = by_stage(make_runner(dataset, tmp_path / "cpu", ["extract.device=cpu", "train.device=cpu"]).run(["evaluate"]))
+    gpu = by_stage(make_runner(dataset, tmp_path / "gpu", ["extract.device=cuda", "train.device=cuda"]).run(["evaluate"]))
+    a = StageDir(cpu["extract"].path).load_item("train0")[1]["features"]
+    b = StageDir(gpu["extract"].path).load_item("train0")[1]["features"]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    auc = [json.loads((r["evaluate"].path / "metrics.json").read_text())["auc"] for r in (cpu, gpu)]
+    assert auc[1] > 0.9 and abs(auc[1] - auc[0]) < 0.05
 
 
 def test_validation_selection_never_uses_test_videos(dataset, tmp_path):
