@@ -281,19 +281,19 @@ class DecordVideo(VideoSource):
 FOLDER_DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 _pool_lock = threading.Lock()
-_pool: tuple[int, Any] | None = None  # (pid, ThreadPoolExecutor)
+_pools: dict[tuple[int, int], Any] = {}  # (pid, threads) -> ThreadPoolExecutor
 
 
-def _folder_pool() -> Any:
-    """The process's image-decoding thread pool, created on first use (and again in a forked child,
-    whose copy of the parent's pool has no threads)."""
-    global _pool
+def _folder_pool(threads: int) -> Any:
+    """The process's image-decoding pool of ``threads`` threads, created on first use (and again in
+    a forked child, whose copy of the parent's pool has no threads)."""
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
+        key = (os.getpid(), threads)
+        if key not in _pools:
             from concurrent.futures import ThreadPoolExecutor
 
-            _pool = (os.getpid(), ThreadPoolExecutor(FOLDER_DECODE_THREADS, thread_name_prefix="wsvad-imdecode"))
-        return _pool[1]
+            _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="wsvad-imdecode")
+        return _pools[key]
 
 
 class FrameFolder(VideoSource):
@@ -342,7 +342,7 @@ class FrameFolder(VideoSource):
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
     def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
-        pool = _folder_pool() if self.threads > 1 else None
+        pool = _folder_pool(self.threads) if self.threads > 1 else None
         for start in range(0, len(self.files), chunk_frames):
             files = self.files[start : start + chunk_frames]
             out = np.empty((len(files), self.height, self.width, 3), np.uint8)

@@ -295,6 +295,9 @@ def test_folder_decoding_threads_give_the_same_frames_and_first_error(tmp_path, 
     one = read_chunks(FrameFolder(folder, threads=1), 7)
     four = read_chunks(FrameFolder(folder, threads=4), 7)
     assert np.array_equal(one[1], four[1]) and one[0] == four[0]
+    from pipeline.video import _folder_pool
+
+    assert _folder_pool(4)._max_workers == 4 and _folder_pool(2)._max_workers == 2  # as many as asked
     cv2.imwrite(str(folder / "011.jpg"), cv2.resize(frames[11], (W // 2, H // 2)))
     (folder / "014.jpg").write_bytes(b"definitely not a jpeg")  # the same chunk, a cheaper failure
     for threads in (1, 4):
