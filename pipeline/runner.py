@@ -251,6 +251,12 @@ class Stage:
     #: ``pipeline status`` lists it only then
     optional: ClassVar[bool] = False
 
+    @property
+    def reads_videos(self) -> bool:
+        """Whether the stage reads the videos themselves (its key holds their paths): the runner then
+        makes them available (``Context.ensure_data``: the demo's are generated) before computing."""
+        return "path" in self.manifest_columns
+
     def upstream_for(self, cfg: RunConfig) -> tuple[str, ...]:
         """The upstream stages this run's config needs; default :attr:`upstream`. Only these enter
         the cache key, so e.g. a clip-level detector's training does not depend on segmenting."""
@@ -547,8 +553,8 @@ class Runner:
             sd.done_marker.unlink(missing_ok=True)
         self._open_stage_dir(sd, inputs)
         todo = [v for v in videos if not sd.item_complete(v.id)]
-        if todo and stage.name == "extract":
-            self.ctx.ensure_data()
+        if todo and stage.reads_videos:
+            self.ctx.ensure_data()  # before the frame counts of the shards are read
         world = self.dist.world_size if self._dist_active else 1
         if world > 1:
             from pipeline.distributed import estimate_frames, shard
@@ -606,6 +612,8 @@ class Runner:
             report.failed = report.summary.get("failures", [])
             return report
         self._open_stage_dir(sd, inputs)
+        if stage.reads_videos:
+            self.ctx.ensure_data()
         self._prepare(stage, sd)
         try:
             summary = stage.run_whole(self.ctx, sd, ups)

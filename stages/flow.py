@@ -64,7 +64,6 @@ class FlowStage(Stage):
         self.method: Any = None
 
     def prepare(self, ctx: Context, out: StageDir) -> None:
-        ctx.ensure_data()
         if self.method is None:
             from extractors.flow import flow_params_from_config, get_flow_method
 

@@ -365,7 +365,8 @@ class MistExtractStage(ExtractStage):
         return self.upstream
 
     def prepare(self, ctx: Context, out: StageDir) -> None:
-        ctx.ensure_data()
+        """Nothing: not the extract stage's pretrained network; :meth:`process` builds the fine-tuned
+        one from the train stage's ``encoder.pt`` (an input ``prepare`` does not receive)."""
 
     def process(self, ctx: Context, video: Any, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.extractor is None:
