@@ -39,7 +39,7 @@ from extractors.i3d_r50 import (
     load_state_dict_checked,
     read_state_dict,
 )
-from extractors.transforms import _crop_boxes, crop_names, resized_size
+from extractors.transforms import crop_names, resized_size, spatial_crops
 from extractors.tvl1 import TVL1Params, to_gray_uint8, tvl1_flow
 from extractors.weights import WeightsError, WeightSpec, fetch_weights, pinned_sha256
 from pipeline.cache import sha256_file
@@ -260,18 +260,10 @@ def preprocess_flow_clips(
         return x.contiguous()
     if h < crop_size or w < crop_size:
         raise ValueError(f"flow of {h}x{w} is smaller than the {crop_size}x{crop_size} crop")
-    boxes = _crop_boxes(h, w, crop_size)
-    names = crop_names(crops, order)
-    s = crop_size
-    out = []
-    for name in names:
-        flip = name.endswith("_flip")
-        y0, x0 = boxes[name[:-5] if flip else name]
-        c = x[..., y0 : y0 + s, x0 : x0 + s]
-        if flip:
-            c = c.flip(-1) * torch.tensor([-1.0, 1.0], device=c.device).view(1, 2, 1, 1, 1)
-        out.append(c)
-    return torch.stack(out, dim=1).reshape(b * len(names), 2, t, s, s)
+    out = spatial_crops(x, crop_size, crops, order)  # [C, B, 2, T, s, s], the RGB path's boxes and flips
+    flipped = torch.tensor([n.endswith("_flip") for n in crop_names(crops, order)], device=out.device)
+    out[flipped, :, 0] *= -1  # a mirrored crop's motion: dx negated
+    return out.transpose(0, 1).reshape(b * out.shape[0], 2, t, crop_size, crop_size)
 
 
 def network_size(h: int, w: int, short_side: int) -> tuple[int, int]:
