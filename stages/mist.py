@@ -29,7 +29,7 @@ from pipeline.cache import atomic_torch_save, atomic_write_bytes
 from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
 
 from .extract import ExtractStage, extract_video
-from .train import _rng_state, _set_rng_state, _write_log, load_detector, train_detector
+from .train import _load_checkpoint, _rng_state, _set_rng_state, _write_log, load_detector, train_detector
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,8 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     rows: list[dict[str, float]] = []
     epoch, pos, order = 0, 0, None
     ckpt_path = out.path / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = _load_checkpoint(ckpt_path, device)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], gen)
@@ -397,8 +397,9 @@ class MistExplainStage(Stage):
         if unknown:
             raise StageError(f"mist_explain: no re-extracted features for {', '.join(unknown)} (train.explain)")
         written = 0
+        videos = ctx.manifest.by_id()
         for vid in ids:
-            video = next(v for v in ctx.manifest.videos if v.id == vid)
+            video = videos[vid]
             meta, arrays = inputs["mist_extract"].load_item(vid)
             written += write_overlays(out.path / "overlays" / vid, ctx, ctx.manifest.resolve(video), meta, arrays["attention"])
         return {"videos": len(ids), "overlays": written}
@@ -409,7 +410,7 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
     from PIL import Image
 
     from extractors import EXTRACTORS
-    from extractors.transforms import crop_names, resized_size
+    from extractors.transforms import _crop_boxes, crop_names, resized_size
 
     cfg = ctx.cfg.extract
     cls = EXTRACTORS.get_class(cfg.backbone)
@@ -424,7 +425,7 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
         box = (0, 0, w, h)
     else:  # the centre crop's box in the resized frame, mapped back to source pixels
         s = cls.crop_size
-        top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
+        top, left = _crop_boxes(rh, rw, s)["c"]
         box = (round(left * w / rw), round(top * h / rh), round((left + s) * w / rw), round((top + s) * h / rh))
     import matplotlib
 
