@@ -174,12 +174,12 @@ class SGAExtractor:
     """
 
     def __init__(self, base: Any, encoder_path: str | Path) -> None:
-        from pipeline.cache import sha256_file
+        from pipeline.cache import sha256_file, verified_torch_load
 
         path = Path(encoder_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no fine-tuned MIST encoder (encoder.pt)")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = verified_torch_load(path, map_location="cpu")  # ValueError if altered or unreadable
         if saved.get("backbone") != base.registry_name:
             raise ValueError(f"{path}: encoder fine-tuned from {saved.get('backbone')!r}, extract.backbone is "
                              f"{base.registry_name!r}")
