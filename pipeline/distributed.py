@@ -123,8 +123,8 @@ def shard(ids: list[str], weights: list[float], world_size: int) -> list[list[st
 
     Greedy longest-first bin packing (LPT): videos in order of decreasing weight (ties by id) each
     go to the rank with the least weight so far (ties to the lowest rank). The largest share is at
-    most 4/3 of the optimum, and the result depends only on the inputs, so every rank computes
-    the same plan.
+    most 4/3 of the optimum, and the result depends only on the inputs (rank 0 computes it and
+    broadcasts it).
 
     Args:
         ids: video ids.
