@@ -4,6 +4,7 @@ backbone's clips/s with the split of wall time between decoding, preprocessing a
     python benchmarks/extract.py [VIDEO ...] [--backbones NAME ...] [--crops 10 5 center]
                                  [--clips N] [--no-model] [--no-jpeg] [--device auto|cpu|cuda]
                                  [--precision fp32|bf16|fp16] [--batch-clips B]
+                                 [--resize-dtype uint8 float32]
 
 Videos default to the real clips in ``../shared/data/videos``. Two parts:
 
@@ -22,6 +23,7 @@ Videos default to the real clips in ``../shared/data/videos``. Two parts:
      Inception-I3D's geometry (decord decoding in the background thread, batched resize + crops
      + normalisation, ``extract.batch_clips`` clips per batch), on the CPU; also with decoding in
      the calling thread (``extract.prefetch_batches=0``); the ratio uses the better of the two.
+     One row per ``--resize-dtype`` (``extract.resize_dtype``; default: the config's, uint8).
    - **our path's CPU side when the network is on a GPU**: decoding and packing uint8 clip batches
      only (the decode thread's work); resize, crops and scaling then run on the GPU. Independent
      of the crop setting.
@@ -169,7 +171,8 @@ def jpeg_readback(frame_dir: Path, crops: str, clip_len: int = 16) -> tuple[floa
 _NULL_EXTRACTOR = NullExtractor()
 
 
-def our_preprocessing(video: Path, crops: str, batch_clips: int, prefetch: int) -> tuple[float, int, dict[str, float]]:
+def our_preprocessing(video: Path, crops: str, batch_clips: int, prefetch: int,
+                      resize_dtype: str = "uint8") -> tuple[float, int, dict[str, float]]:
     """Our decode + preprocessing path without a network; returns (seconds, frames, stats). Every
     call uses the same extractor, as the stage does across a run's videos, so the first call (the
     warm-up) pays the allocation of the network-input buffer and later calls reuse it."""
@@ -177,7 +180,8 @@ def our_preprocessing(video: Path, crops: str, batch_clips: int, prefetch: int) 
     from stages.extract import iter_clip_features
 
     cfg = build_config(sets=[f"extract.crops={crops}", f"extract.batch_clips={batch_clips}",
-                             f"extract.prefetch_batches={prefetch}", "extract.partial_clip=drop"])
+                             f"extract.prefetch_batches={prefetch}", "extract.partial_clip=drop",
+                             f"extract.resize_dtype={resize_dtype}"])
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
     n = sum(1 for _ in iter_clip_features(cfg, _NULL_EXTRACTOR, video, stats=stats))
@@ -203,16 +207,18 @@ def our_cpu_side(video: Path, batch_clips: int) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def part_preprocessing(videos: list[Path], crops_list: list[str], batch_clips: int, jpeg: bool, repeat: int) -> None:
+def part_preprocessing(videos: list[Path], crops_list: list[str], batch_clips: int, jpeg: bool, repeat: int,
+                        resize_dtypes: list[str]) -> None:
     log.info("\n## Preprocessing only (decode + resize 256 + crops 224 + scaling; no network), frames/s\n")
-    log.info("| video | crops | JPEG dump (once) | JPEG read-back + PIL resize + crops | JPEG incl. dump | "
+    log.info("| video | crops | resize | JPEG dump (once) | JPEG read-back + PIL resize + crops | JPEG incl. dump | "
              "ours (decord, background thread) | ours, decode in the calling thread | ours / JPEG read-back | "
              "ours, CPU side with a GPU (decode + uint8 batches) | that / JPEG read-back |")
-    log.info("|---|---|---|---|---|---|---|---|---|---|")
+    log.info("|---|---|---|---|---|---|---|---|---|---|---|")
     tools = set()
     for video in videos:
         for crops in crops_list:  # warm-up: imports, page cache, the network-input buffer
-            our_preprocessing(video, crops, batch_clips, 2)
+            for dtype in resize_dtypes:
+                our_preprocessing(video, crops, batch_clips, 2, dtype)
         tmp = Path(tempfile.mkdtemp(prefix="wsvad-jpeg-"))
         try:
             dump_s = dump_n = 0
@@ -224,21 +230,28 @@ def part_preprocessing(videos: list[Path], crops_list: list[str], batch_clips: i
                 side_s, side_n = our_cpu_side(video, batch_clips)
                 cpu_side = max(cpu_side, side_n / side_s)
             for crops in crops_list:
-                ours = inline = jr = 0.0  # the best of `repeat` runs of each, interleaved
+                # the best of `repeat` runs of each, interleaved
+                ours = dict.fromkeys(resize_dtypes, 0.0)
+                inline = dict.fromkeys(resize_dtypes, 0.0)
+                jr = 0.0
                 for _ in range(repeat):
-                    ours_s, ours_n, _ = our_preprocessing(video, crops, batch_clips, 2)
-                    inline_s, inline_n, _ = our_preprocessing(video, crops, batch_clips, 0)
-                    ours, inline = max(ours, ours_n / ours_s), max(inline, inline_n / inline_s)
+                    for dtype in resize_dtypes:
+                        ours_s, ours_n, _ = our_preprocessing(video, crops, batch_clips, 2, dtype)
+                        inline_s, inline_n, _ = our_preprocessing(video, crops, batch_clips, 0, dtype)
+                        ours[dtype] = max(ours[dtype], ours_n / ours_s)
+                        inline[dtype] = max(inline[dtype], inline_n / inline_s)
                     if jpeg:
                         read_s, read_n = jpeg_readback(tmp, crops)
                         jr = max(jr, read_n / read_s)
-                if jpeg:
-                    jd = 1.0 / (1.0 / jr + dump_s / dump_n)
-                    log.info("| %s | %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.1fx | %.0f | %.1fx |", video.name, crops,
-                             dump_n / dump_s, jr, jd, ours, inline, max(ours, inline) / jr, cpu_side, cpu_side / jr)
-                else:
-                    log.info("| %s | %s | - | - | - | %.1f | %.1f | - | %.0f | - |", video.name, crops, ours, inline,
-                             cpu_side)
+                for dtype in resize_dtypes:
+                    if jpeg:
+                        jd = 1.0 / (1.0 / jr + dump_s / dump_n)
+                        log.info("| %s | %s | %s | %.0f | %.1f | %.1f | %.1f | %.1f | %.1fx | %.0f | %.1fx |", video.name,
+                                 crops, dtype, dump_n / dump_s, jr, jd, ours[dtype], inline[dtype],
+                                 max(ours[dtype], inline[dtype]) / jr, cpu_side, cpu_side / jr)
+                    else:
+                        log.info("| %s | %s | %s | - | - | - | %.1f | %.1f | - | %.0f | - |", video.name, crops, dtype,
+                                 ours[dtype], inline[dtype], cpu_side)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if tools:
@@ -355,6 +368,8 @@ def main() -> None:
     p.add_argument("--no-preprocessing", action="store_true", help="backbones only")
     p.add_argument("--download", action="store_true", help="fetch weights that are not cached yet")
     p.add_argument("--repeat", type=int, default=3, help="preprocessing: best of N interleaved runs per path")
+    p.add_argument("--resize-dtype", nargs="+", default=["uint8"], choices=("uint8", "float32"),
+                   help="extract.resize_dtype of our path: a row each (default uint8, the config default)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from pipeline.runner import resolve_device
@@ -370,7 +385,7 @@ def main() -> None:
         with open_video(v) as src:
             log.info("video: %s, %dx%d, %g fps, %d frames", v.name, src.width, src.height, src.fps, src.num_frames)
     if not a.no_preprocessing:
-        part_preprocessing(videos, a.crops, a.batch_clips, not a.no_jpeg, a.repeat)
+        part_preprocessing(videos, a.crops, a.batch_clips, not a.no_jpeg, a.repeat, a.resize_dtype)
     if not a.no_model:
         n = a.clips or (128 if device.startswith("cuda") else 4)
         part_backbones(videos, a.backbones, a.crops, n, a.batch_clips, device, a.precision, a.download)

@@ -7,12 +7,25 @@ Crop orders (PROTOCOLS.md, 'Features and clips'):
 - ``roc-ng``: the Roc-Ng / XD-Violence files ``__0``..``__9``: centre, then the four corners
   (tl, tr, bl, br), then the flips of those five in the same order.
 
+Resize precision (``extract.resize_dtype``, :data:`RESIZE_DTYPES`):
+
+- ``uint8`` (default): the resized frames are whole numbers in [0, 255], as in the pipelines that made
+  the public features (torchvision's ``Resize`` on PIL images, RTFM issue 21 in PROTOCOLS.md; JPEG
+  frames resized with PIL). On the CPU this is torch's uint8 antialiased bilinear kernel, PIL's
+  fixed-point algorithm (a horizontal pass rounded to uint8, then a vertical one). On the two real
+  clips in ``../shared/data/videos`` with the short side resized to 256 it equals PIL on 99.8 % and
+  99.98 % of the values, the others off by 1 (other sizes: at least 98.8 %). CUDA has no uint8
+  kernel, so there the same two passes run in float32, each rounded half up: equal to the CPU
+  kernel on 99.7-99.8 % of those values (other sizes: at least 98.4 %, within 2). On the CPU it is
+  also 2-3x faster than ``float32`` (``BENCHMARKS.md``).
+- ``float32``: frames become float32 first and the antialiased resize is not rounded (10-16 % of
+  the values differ from PIL's, by under 1).
+
 :func:`resize_frames` and :func:`spatial_crops` work on one clip; :func:`preprocess_clips` is the
-extract stage's batched path: uint8 clips already on the network's device are converted to float
-there, resized (the same float resize as :func:`resize_frames`, so the values are identical),
-normalised once per resized frame (or per crop, when a single crop holds fewer pixels), and cropped
-with one copy per crop straight into the network's input layout, in pieces of at most
-``max_elements`` input values.
+extract stage's batched path: uint8 clips already on the network's device are resized there (the
+same resize as :func:`resize_frames`, so the values are identical), normalised once per resized
+frame (or per crop, when a single crop holds fewer pixels), and cropped with one copy per crop
+straight into the network's input layout, in pieces of at most ``max_elements`` input values.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ RESIZE_MAX_ELEMENTS = 2**22
 RESIZE_MAX_ELEMENTS_CUDA = 2**28
 
 _CORNERS = ("tl", "tr", "bl", "br")
+
+#: values of ``extract.resize_dtype`` (module docstring)
+RESIZE_DTYPES = ("uint8", "float32")
 
 
 def crop_names(crops: str, order: str = "torchvision") -> list[str]:
@@ -60,22 +76,20 @@ def resized_size(h: int, w: int, resize: tuple) -> tuple[int, int]:
     raise ValueError(f"unknown resize spec {resize!r}")
 
 
-def resize_frames(frames: torch.Tensor, resize: tuple) -> torch.Tensor:
+def resize_frames(frames: torch.Tensor, resize: tuple, dtype: str = "uint8") -> torch.Tensor:
     """Resize uint8 frames.
 
     Args:
         frames: ``[T, H, W, 3]`` uint8 RGB.
         resize: ``("short", s)``: short side to ``s``, aspect kept (long side rounded);
             ``("fixed", h, w)``: exactly ``h x w``.
+        dtype: resize precision, ``"uint8"`` or ``"float32"`` (module docstring).
     Returns:
-        ``[T, 3, h, w]`` float32 in [0, 255] (bilinear with antialiasing, clamped).
+        ``[T, 3, h, w]`` float32 in [0, 255] (bilinear with antialiasing; whole numbers for ``"uint8"``),
+        channels-last, the layout of the permuted input frames.
     """
-    x = frames.permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    size = resized_size(h, w, resize)
-    if size != (h, w):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
-    return x
+    h, w = frames.shape[1:3]
+    return _resize(frames, resized_size(h, w, resize), dtype).to(torch.float32, memory_format=torch.channels_last)
 
 
 def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvision") -> torch.Tensor:
@@ -108,26 +122,45 @@ def _crop_boxes(h: int, w: int, size: int) -> dict[str, tuple[int, int]]:
     return {"tl": (0, 0), "tr": (0, w - size), "bl": (h - size, 0), "br": (h - size, w - size), "c": (top, left)}
 
 
-def _resize_planar(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """:func:`resize_frames` computed on planar (NCHW-contiguous) float frames.
+def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    Same call, same values (the antialiased bilinear kernel gives bit-identical results for either
-    layout; ``tests/test_extract_path.py`` checks the features against the per-clip path), but the
-    planar kernel runs about 1.8x faster on the CPU than the channels-last one that
-    :func:`resize_frames` gets from permuting ``[T, H, W, 3]`` frames (11 vs 20 ms per 16-frame
-    320x240 clip, 2-core EPYC).
 
-    Args:
-        frames: ``[N, H, W, 3]`` uint8.
-        size: output ``(height, width)``.
-    Returns:
-        ``[N, 3, height, width]`` float32 in [0, 255].
+def _resize(frames: torch.Tensor, size: tuple[int, int], dtype: str) -> torch.Tensor:
+    """Resize ``[N, H, W, 3]`` uint8 frames to ``size`` ``(h, w)`` with the precision ``dtype``.
+
+    Returns ``[N, 3, h, w]``:
+
+    - ``"uint8"`` on the CPU: uint8 with channels-last strides (a view of ``frames`` when the size
+      does not change), from torch's uint8 kernel, which reads and writes that layout fastest
+      (6 ms per 16 frames of 480x360 against 18 ms for the planar float32 kernel, 2-core EPYC).
+    - ``"uint8"`` elsewhere (CUDA has no uint8 antialiased kernel): float32, planar, whole numbers:
+      the width pass, then the height pass, each rounded half up and clamped as the uint8 kernel
+      rounds its passes.
+    - ``"float32"``: float32, planar, unrounded (clamped to [0, 255]). The planar kernel runs about
+      1.8x faster on the CPU than the channels-last one, with bit-identical values.
     """
+    if dtype not in RESIZE_DTYPES:
+        raise ValueError(f"unknown resize dtype {dtype!r}; expected one of {RESIZE_DTYPES}")
     n, h, w, _ = frames.shape
+    if dtype == "uint8" and frames.device.type == "cpu":
+        x = frames.permute(0, 3, 1, 2)
+        return _interpolate(x, size) if tuple(size) != (h, w) else x
     x = torch.empty((n, 3, h, w), dtype=torch.float32, device=frames.device)
     x.copy_(frames.permute(0, 3, 1, 2))
-    if tuple(size) != (h, w):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 255)
+    if dtype == "uint8":
+        return _rounded_passes(x, size)
+    return _interpolate(x, size).clamp_(0, 255) if tuple(size) != (h, w) else x
+
+
+def _rounded_passes(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The uint8 kernel's two rounded passes in float32, for devices without it: ``[N, 3, H, W]``
+    float32 whole numbers -> ``[N, 3, h, w]`` float32 whole numbers in [0, 255]."""
+    h, w = x.shape[-2:]
+    if size[1] != w:
+        x = _interpolate(x, (h, size[1])).add_(0.5).floor_().clamp_(0, 255)
+    if size[0] != h:
+        x = _interpolate(x, tuple(size)).add_(0.5).floor_().clamp_(0, 255)
     return x
 
 
@@ -171,12 +204,13 @@ def preprocess_clips(
     memory_format: torch.memory_format = torch.contiguous_format,
     max_elements: int = RESIZE_MAX_ELEMENTS,
     buffer: torch.Tensor | None = None,
+    resize_dtype: str = "uint8",
 ) -> torch.Tensor:
     """Batched resize + crops (+ normalisation) of uint8 clips, on whatever device ``clips`` is on.
 
     The values equal the per-clip path (:func:`resize_frames`, :func:`spatial_crops`, then
-    ``normalize`` on the network input): frames become float32 before the resize, the resize is the
-    same call on the same frames, crops are the same boxes, and a flipped crop is the same box of
+    ``normalize`` on the network input): the resize is the same call on the same frames (with
+    the same ``resize_dtype``), crops are the same boxes, and a flipped crop is the same box of
     the flipped frame. ``normalize`` is applied once per resized frame, before cropping, which gives
     identical values when it is pointwise (each output value depends only on its own pixel's channel
     values: every per-channel scale / mean / std / channel reordering), or, when the crops hold fewer
@@ -202,6 +236,7 @@ def preprocess_clips(
             shape, device and layout, at least as many rows (the result is then a view of its first
             rows). Reusing one buffer across batches spares the allocation and, on the CPU, the
             page faults of touching a fresh 10-crop batch (770 MB for 8 clips at 224x224).
+        resize_dtype: resize precision, ``"uint8"`` or ``"float32"`` (module docstring).
     Returns:
         ``[B * C, 3, T, s, s]`` float32 (``[B, 3, T, h, w]`` for ``"none"``), clip-major: row
         ``b * C + c`` is clip ``b``'s crop ``c`` in ``crop_names(crops, order)`` order. Values in
@@ -233,9 +268,15 @@ def preprocess_clips(
     any_flip = any(n.endswith("_flip") for n in names)
     for b0, b1, t0, t1 in _pieces(b, t, max(1, max_elements // (h * w * 3))):
         p, pt = b1 - b0, t1 - t0
-        x = _resize_planar(clips[b0:b1, t0:t1].reshape(p * pt, h, w, 3), (oh, ow))  # [p*pt, 3, oh, ow] float32
-        x = x.view(p, pt, 3, oh, ow).permute(0, 2, 1, 3, 4)  # [p, 3, pt, oh, ow], a view
-        if s and memory_format != torch.contiguous_format and cropped_area > oh * ow:
+        x = _resize(clips[b0:b1, t0:t1].reshape(p * pt, h, w, 3), (oh, ow), resize_dtype)  # [p*pt, 3, oh, ow]
+        x = x.unflatten(0, (p, pt)).permute(0, 2, 1, 3, 4)  # [p, 3, pt, oh, ow], a view
+        if x.dtype == torch.uint8:
+            # channels-last uint8 from the CPU kernel: as [p, 3, pt, oh, ow] already channels_last_3d,
+            # so crops copy whole rows; made float once here when a pointwise normalisation runs on
+            # the resized frames, else each crop is converted as it is copied (or normalised)
+            if pre is not None:
+                x = x.to(torch.float32, memory_format=memory_format)
+        elif s and memory_format != torch.contiguous_format and cropped_area > oh * ow:
             # when the crops hold more pixels than the frame (10 or 5 crops), one transposing copy of
             # the resized frames instead of one per crop: a planar frame copied into channels_last_3d
             # crops wrote 3 floats apart (10 copies of 320x240 frames: 3,000 frames/s), a
@@ -255,7 +296,7 @@ def preprocess_clips(
             else:
                 y0, x0 = boxes[name]
                 crop = x[..., y0 : y0 + s, x0 : x0 + s]
-            view[b0:b1, c, :, t0:t1].copy_(post(crop) if post is not None else crop)
+            view[b0:b1, c, :, t0:t1].copy_(post(crop.float()) if post is not None else crop)
         del x, flipped
     if late:
         # written back into the output, which stays the caller's reusable buffer

@@ -13,11 +13,12 @@ The path a clip takes (:func:`iter_clip_features`):
    ``extract.target_fps`` if set, cuts clips and packs ``extract.batch_clips`` of them into one
    uint8 ``[B, T, H, W, 3]`` array (pinned memory when the network is on CUDA). Decoding thus
    overlaps the network, and memory stays bounded whatever the video's length.
-2. The consumer moves the uint8 batch to the extractor's device and there converts it to float32,
-   resizes, normalises and cuts the crops (:func:`extractors.transforms.preprocess_clips`, equal
-   to the per-clip CPU path value for value) into ``channels_last_3d`` layout, the layout that
-   per-clip path handed the network (so CPU features are bit-identical to it); on CUDA the conv
-   weights are put in that layout too (``extract.channels_last``).
+2. The consumer moves the uint8 batch to the extractor's device and there resizes it (rounded to
+   whole numbers as PIL does, or unrounded: ``extract.resize_dtype``), normalises and cuts the
+   crops (:func:`extractors.transforms.preprocess_clips`, equal to the per-clip CPU path value for
+   value) into ``channels_last_3d`` layout, the layout that per-clip path handed the network (so
+   CPU features are bit-identical to it); on CUDA the conv weights are put in that layout too
+   (``extract.channels_last``).
 3. The network runs under autocast when ``extract.precision`` is bf16 / fp16. On CUDA the next
    batch is launched before the previous batch's features are copied back.
 
@@ -67,6 +68,7 @@ class ExtractStage(Stage):
         "extract.crops",
         "extract.crop_order",
         "extract.partial_clip",
+        "extract.resize_dtype",
         "extract.target_fps",
         "extract.precision",
         "extract.feature_dtype",
@@ -508,6 +510,7 @@ def iter_clip_features(
                     normalize=extractor.normalize,
                     normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
                     memory_format=memory_format, max_elements=max_elements, buffer=net_input,
+                    resize_dtype=cfg.resize_dtype,
                 )  # [B*C, 3, T, s, s] on the device
                 if net_input is None or x.untyped_storage().data_ptr() != net_input.untyped_storage().data_ptr():
                     net_input = x  # newly allocated: the buffer for the next batches
@@ -576,6 +579,7 @@ def extract_video(ctx: Any, extractor: Any, path: Any) -> tuple[np.ndarray, dict
         "frame_selection": "floor(j * fps / target_fps)" if info["target_fps"] else "all frames",
         "crops": info["crops"],
         "crop_setting": cfg.crops,
+        "resize_dtype": cfg.resize_dtype,
         "extractor": extractor.registry_name,
         "weights_sha256": extractor.weights_checksum,
         "feature_dim": int(feats.shape[-1]),

@@ -77,7 +77,7 @@ def old_reference(cfg, extractor, path: Path, target_fps: float = 0.0) -> tuple[
             if e.partial_clip == "drop":
                 break
             clip = np.concatenate([clip, np.repeat(clip[-1:], L - len(clip), axis=0)])
-        x = resize_frames(torch.from_numpy(clip), extractor.resize)
+        x = resize_frames(torch.from_numpy(clip), extractor.resize, e.resize_dtype)
         clips.append(spatial_crops(x, extractor.crop_size, e.crops, e.crop_order).permute(0, 2, 1, 3, 4))
     feats = []
     for b in range(0, len(clips), e.batch_clips):
@@ -128,10 +128,10 @@ def test_device_path_equals_old_cpu_path(video25: Path, crops: str, order: str, 
 
 def test_device_path_bitwise_on_cpu_and_drop(video25: Path) -> None:
     ex = TinyConv3d()
-    # the same float ops in the same order on the CPU, for any batching
-    for batch in (1, 3):
+    # the same ops in the same order on the CPU, for any batching and either resize precision
+    for batch, dtype in ((1, "uint8"), (3, "uint8"), (3, "float32")):
         cfg = config("extract.crops=10", "extract.partial_clip=drop", f"extract.batch_clips={batch}",
-                     "extract.chunk_frames=24")
+                     "extract.chunk_frames=24", f"extract.resize_dtype={dtype}")
         ref, _ = old_reference(cfg, ex, video25)
         feats, meta = extract_video(cfg, ex, video25)
         assert np.array_equal(feats, ref)
@@ -343,6 +343,9 @@ def test_cache_key_fields() -> None:
     assert stage.config_inputs(config("extract.precision=bf16"))["extract.precision"] == "bf16"
     assert stage.config_inputs(config("extract.feature_dtype=float16"))["extract.feature_dtype"] == "float16"
     assert stage.config_inputs(config("extract.target_fps=30"))["extract.target_fps"] == 30.0
+    # the resize precision changes every value: it is always in the key
+    assert base["extract.resize_dtype"] == "uint8"
+    assert stage.config_inputs(config("extract.resize_dtype=float32"))["extract.resize_dtype"] == "float32"
 
 
 @pytest.mark.gpu

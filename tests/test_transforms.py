@@ -56,18 +56,57 @@ def test_resize_short_side_and_fixed():
     assert torch.equal(resize_frames(frames, ("short", 240)), frames.permute(0, 3, 1, 2).float())
 
 
-def reference_input(clips: torch.Tensor, crops: str, order: str, normalize) -> torch.Tensor:
+def smooth_frames(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """``[n, h, w, 3]`` uint8 frames with the smooth gradients and sharp edges of real images: a
+    random 6x8 colour grid, bilinearly enlarged, with a hard-edged rectangle on top."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 6, 8, generator=g) * 255
+    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=True)
+    x[:, :, h // 4 : h // 2, w // 3 : w // 2] = torch.rand(n, 3, 1, 1, generator=g) * 255
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.mark.parametrize("size", [(256, 341), (128, 171), (250, 300)], ids=["down", "c3d", "up"])
+def test_uint8_resize_is_pils_and_the_float_passes_match_it(size: tuple[int, int]) -> None:
+    """``resize_dtype="uint8"`` gives what torchvision's ``Resize`` gives on PIL images (the public
+    features' pipeline); the float32 two-pass version used on CUDA gives the CPU kernel's values."""
+    import numpy as np
+    from PIL import Image
+
+    from extractors.transforms import _rounded_passes
+
+    frames = smooth_frames(4, 240, 320)
+    out = resize_frames(frames, ("fixed", *size), "uint8")
+    assert out.dtype == torch.float32 and torch.equal(out, out.round())
+    pil = torch.stack([torch.from_numpy(np.array(Image.fromarray(f.numpy()).resize(size[::-1], Image.BILINEAR)))
+                       for f in frames]).permute(0, 3, 1, 2).float()
+    diff = (out - pil).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02
+    passes = _rounded_passes(frames.permute(0, 3, 1, 2).float(), size)
+    diff = (passes - out).abs()  # a pass off by 1 can make the next off by 2 (module docstring)
+    assert diff.max() <= 2 and (diff > 0).float().mean() < 0.02
+    # the unrounded resize is a different (finer) thing, not an alias of the uint8 one
+    fine = resize_frames(frames, ("fixed", *size), "float32")
+    assert not torch.equal(fine, fine.round()) and (fine - out).abs().max() < 1.5  # two roundings
+    with pytest.raises(ValueError, match="unknown resize dtype"):
+        resize_frames(frames, ("short", 256), "float16")
+
+
+def reference_input(clips: torch.Tensor, crops: str, order: str, normalize, dtype: str = "uint8") -> torch.Tensor:
     """The per-clip path: resize each clip, cut its crops, then normalise: ``[B*C, 3, T, s, s]``."""
-    out = [spatial_crops(resize_frames(c, ("short", 40)), 32, crops, order).permute(0, 2, 1, 3, 4) for c in clips]
+    out = [spatial_crops(resize_frames(c, ("short", 40), dtype), 32, crops, order).permute(0, 2, 1, 3, 4)
+           for c in clips]
     return normalize(torch.cat(out))
 
 
 @pytest.mark.parametrize("crops,order", [("10", "torchvision"), ("10", "roc-ng"), ("5", "torchvision"), ("center", "torchvision")])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "cl3d"])
 @pytest.mark.parametrize("max_elements", [1, 5 * 36 * 44 * 3, 2**22], ids=["frame", "5frames", "clips"])
-def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memory_format, max_elements: int) -> None:
-    """Bit for bit, whatever the piece size (single frames, runs of frames, whole clips), the
-    output layout and where a pointwise or a positional normalisation runs."""
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memory_format, max_elements: int,
+                                                   dtype: str) -> None:
+    """Bit for bit, whatever the resize precision, the piece size (single frames, runs of frames,
+    whole clips), the output layout and where a pointwise or a positional normalisation runs."""
     from extractors.transforms import preprocess_clips
 
     g = torch.Generator().manual_seed(0)
@@ -77,9 +116,9 @@ def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memor
     # not pointwise: depends on the position in the crop (as C3D's mean volume does)
     positional = lambda x: x - torch.arange(x.shape[-1], dtype=x.dtype)  # noqa: E731
     for normalize, after in ((pointwise, False), (positional, True)):
-        ref = reference_input(clips, crops, order, normalize)
+        ref = reference_input(clips, crops, order, normalize, dtype)
         out = preprocess_clips(clips, ("short", 40), 32, crops, order, normalize=normalize, normalize_after_crop=after,
-                               memory_format=memory_format, max_elements=max_elements)
+                               memory_format=memory_format, max_elements=max_elements, resize_dtype=dtype)
         assert out.is_contiguous(memory_format=memory_format) and out.shape == ref.shape
         assert torch.equal(out, ref)
 
