@@ -16,7 +16,8 @@ Resize precision (``extract.resize_dtype``, :data:`RESIZE_DTYPES`):
   clips in ``../shared/data/videos`` with the short side resized to 256 it equals PIL on 99.8 % and
   99.98 % of the values, the others off by 1 (other sizes: at least 98.8 %). CUDA has no uint8
   kernel, so there the same two passes run in float32, each rounded half up: equal to the CPU
-  kernel on 99.7-99.8 % of those values (other sizes: at least 98.4 %, within 2). On the CPU it is
+  kernel on 99.8 % and 99.97 % of those values (other sizes: at least 98.4 %, within 2;
+  ``benchmarks/resize_precision.py``). On the CPU it is
   also 2-3x faster than ``float32`` (``BENCHMARKS.md``).
 - ``float32``: frames become float32 first and the antialiased resize is not rounded (10-16 % of
   the values differ from PIL's, by under 1).
