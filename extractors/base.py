@@ -97,6 +97,16 @@ class ClipExtractor(ABC):
             ``[N, 3, T, H, W]`` float32 in the network's input range.
         """
 
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` written into ``clips`` (float32, any strides), which it returns.
+
+        The extract stage normalises the float frames it owns in place, so that no temporaries are
+        allocated per batch (each fresh temporary of a few tens of MB costs its page faults on the
+        CPU). This default computes :meth:`normalize` and copies it back; subclasses override it
+        with the same operations done in place, which give the same values bit for bit.
+        """
+        return clips.copy_(self.normalize(clips))
+
     @abstractmethod
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         """Clip features.

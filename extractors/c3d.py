@@ -252,6 +252,13 @@ class C3dFc6Extractor(ClipExtractor):
         bgr = clips.to(torch.float32).flip(1)
         return bgr - self._mean_bgr.to(bgr.device)
 
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` in place on float32 ``clips``: channels 0 and 2 swapped, then the mean."""
+        red = clips[:, 0].clone()
+        clips[:, 0].copy_(clips[:, 2])
+        clips[:, 2].copy_(red)
+        return clips.sub_(self._mean_bgr.to(clips.device))
+
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         """``[N, 3, 16, 112, 112]`` float32 from :meth:`normalize` -> ``[N, 4096]`` float32 fc6
         (non-negative when ``fc6_relu``)."""

@@ -340,6 +340,10 @@ class _FlowStream(ClipExtractor):
         """Identity: flow clips are scaled to [-1, 1] by :func:`preprocess_flow_clips`."""
         return clips.to(torch.float32)
 
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        """Identity, in place."""
+        return clips
+
 
 def _flow_weights_path(spec: Any, weights: str | None, cls_name: str) -> tuple[Any, str]:
     """``(path, sha256)`` of the weights a flow stream loads: ``weights`` if given, else the spec's

@@ -533,6 +533,10 @@ class InceptionI3dExtractor(ClipExtractor):
         """``[N, 3, T, H, W]`` float in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
         return clips.to(torch.float32) / 127.5 - 1.0
 
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` in place on float32 ``clips``."""
+        return clips.div_(127.5).sub_(1.0)
+
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         """``[N, 3, 16, 224, 224]`` float32 in [-1, 1] -> ``[N, 1024]`` float32 (``Mixed_5c`` averaged)."""
         with torch.inference_mode():

@@ -256,6 +256,10 @@ class ResNet50I3dExtractor(ClipExtractor):
         """``[N, 3, T, H, W]`` RGB in [0, 255] -> float32 ``(x - 114.75) / 57.375``, about [-2, 2.44]."""
         return (clips.to(torch.float32) - RTFM_MEAN) / RTFM_STD
 
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` in place on float32 ``clips``."""
+        return clips.sub_(RTFM_MEAN).div_(RTFM_STD)
+
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         """``[N, 3, 16, 224, 224]`` float32 from :meth:`normalize` -> ``[N, 2048]`` float32, non-negative."""
         with torch.inference_mode():

@@ -203,6 +203,11 @@ class SGAExtractor:
     def normalize(self, clips: torch.Tensor) -> torch.Tensor:
         return self.base.normalize(clips)
 
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        """The base extractor's in-place normalisation (``ClipExtractor.normalize_``)."""
+        in_place = getattr(self.base, "normalize_", None)
+        return in_place(clips) if in_place is not None else clips.copy_(self.base.normalize(clips))
+
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         """``[N, 3, T, s, s]`` normalised clips -> ``[N, D]`` float32; appends ``[N, h, w]`` attention."""
         with torch.inference_mode():

@@ -510,7 +510,7 @@ def iter_clip_features(
                     normalize=extractor.normalize,
                     normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
                     memory_format=memory_format, max_elements=max_elements, buffer=net_input,
-                    resize_dtype=cfg.resize_dtype,
+                    resize_dtype=cfg.resize_dtype, normalize_in_place=getattr(extractor, "normalize_", None),
                 )  # [B*C, 3, T, s, s] on the device
                 if net_input is None or x.untyped_storage().data_ptr() != net_input.untyped_storage().data_ptr():
                     net_input = x  # newly allocated: the buffer for the next batches

@@ -276,7 +276,8 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
         clips = torch.from_numpy(np.concatenate(frames)).to(device)
         x = preprocess_clips(clips, extractor.resize, extractor.crop_size, "center", normalize=extractor.normalize,
                              normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
-                             resize_dtype=ctx.cfg.extract.resize_dtype)
+                             resize_dtype=ctx.cfg.extract.resize_dtype,
+                             normalize_in_place=getattr(extractor, "normalize_", None))
         return x, torch.from_numpy(np.concatenate(labels)).to(device)
 
     model.train()

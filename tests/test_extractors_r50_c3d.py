@@ -145,6 +145,29 @@ def test_c3d_normalisation_is_bgr_minus_caffe_mean(c3d: C3dFc6Extractor) -> None
     assert out[1].flatten().tolist() == pytest.approx([-90.25, -97.66, 255 - 101.41], abs=1e-4)
 
 
+def test_in_place_normalisations_equal_normalize(r50: ResNet50I3dExtractor, c3d: C3dFc6Extractor) -> None:
+    """``normalize_`` (what the extract stage runs) gives ``normalize``'s values bit for bit, also on
+    a strided view such as a crop of the network-input buffer, and writes only into that view."""
+    from extractors.i3d_inception import InceptionI3dExtractor
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 4, 12, 14), generator=g).float().contiguous(memory_format=torch.channels_last_3d)
+    for name, normalize, in_place in (
+        ("r50", r50.normalize, r50.normalize_),
+        ("c3d", c3d.normalize, c3d.normalize_),
+        ("i3d", lambda x: InceptionI3dExtractor.normalize(None, x), lambda x: InceptionI3dExtractor.normalize_(None, x)),
+    ):
+        whole = pixels.clone()
+        assert in_place(whole).data_ptr() == whole.data_ptr() and torch.equal(whole, normalize(pixels)), name
+        frame = pixels.clone()
+        view = frame[:, :, 1:3, 2:10, 3:11]  # strided, as a crop of the buffer
+        in_place(view)
+        assert torch.equal(view, normalize(pixels[:, :, 1:3, 2:10, 3:11])), name
+        untouched = torch.ones_like(frame, dtype=torch.bool)
+        untouched[:, :, 1:3, 2:10, 3:11] = False
+        assert torch.equal(frame[untouched], pixels[untouched]), name
+
+
 # --------------------------------------------------------------------------------------------------
 # Features
 

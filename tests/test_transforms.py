@@ -106,7 +106,8 @@ def reference_input(clips: torch.Tensor, crops: str, order: str, normalize, dtyp
 def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memory_format, max_elements: int,
                                                    dtype: str) -> None:
     """Bit for bit, whatever the resize precision, the piece size (single frames, runs of frames,
-    whole clips), the output layout and where a pointwise or a positional normalisation runs."""
+    whole clips), the output layout and where a pointwise (out of place or in place) or a
+    positional normalisation runs."""
     from extractors.transforms import preprocess_clips
 
     g = torch.Generator().manual_seed(0)
@@ -115,10 +116,12 @@ def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memor
     pointwise = lambda x: (x - mean) / 58.0  # noqa: E731
     # not pointwise: depends on the position in the crop (as C3D's mean volume does)
     positional = lambda x: x - torch.arange(x.shape[-1], dtype=x.dtype)  # noqa: E731
-    for normalize, after in ((pointwise, False), (positional, True)):
+    pointwise_ = lambda x: x.sub_(mean).div_(58.0)  # noqa: E731  (the same, in place)
+    for normalize, after, in_place in ((pointwise, False, None), (pointwise, False, pointwise_), (positional, True, None)):
         ref = reference_input(clips, crops, order, normalize, dtype)
         out = preprocess_clips(clips, ("short", 40), 32, crops, order, normalize=normalize, normalize_after_crop=after,
-                               memory_format=memory_format, max_elements=max_elements, resize_dtype=dtype)
+                               memory_format=memory_format, max_elements=max_elements, resize_dtype=dtype,
+                               normalize_in_place=in_place)
         assert out.is_contiguous(memory_format=memory_format) and out.shape == ref.shape
         assert torch.equal(out, ref)
 
