@@ -116,7 +116,14 @@ class NullExtractor:
         self.device = torch.device(device)
 
     def normalize(self, clips: torch.Tensor) -> torch.Tensor:
-        return clips / 127.5 - 1.0
+        from extractors.i3d_inception import InceptionI3dExtractor
+
+        return InceptionI3dExtractor.normalize(self, clips)
+
+    def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
+        from extractors.i3d_inception import InceptionI3dExtractor
+
+        return InceptionI3dExtractor.normalize_(self, clips)
 
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         return clips.new_zeros((clips.shape[0], 1))
