@@ -18,7 +18,7 @@ Resize precision (``extract.resize_dtype``, :data:`RESIZE_DTYPES`):
   kernel, so there the same two passes run in float32, each rounded half up: equal to the CPU
   kernel on 99.8 % and 99.97 % of those values (other sizes: at least 98.4 %, within 2;
   ``benchmarks/resize_precision.py``). On the CPU it is
-  also 2-3x faster than ``float32`` (``BENCHMARKS.md``).
+  also 1.7-4x faster than ``float32`` (resize, crops and normalisation: ``BENCHMARKS.md``).
 - ``float32``: frames become float32 first and the antialiased resize is not rounded (10-16 % of
   the values differ from PIL's, by under 1).
 
