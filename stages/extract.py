@@ -261,6 +261,23 @@ def _keep_input_buffer(extractor: Any, buffer: torch.Tensor | None) -> None:
         pass
 
 
+def network_input(extractor: Any, clips: torch.Tensor, crops: str, order: str, resize_dtype: str,
+                  **layout: Any) -> torch.Tensor:
+    """:func:`extractors.transforms.preprocess_clips` of uint8 ``[B, T, H, W, 3]`` clips with the
+    extractor's geometry and normalisation (in place where it has ``normalize_``, after the crops
+    where it is not pointwise); ``layout``: ``memory_format``, ``max_elements``, ``buffer``.
+    Returns ``[B * C, 3, T, s, s]`` float32 on the clips' device."""
+    from extractors.transforms import preprocess_clips
+
+    return preprocess_clips(
+        clips, extractor.resize, extractor.crop_size, crops, order,
+        normalize=extractor.normalize,
+        normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
+        normalize_in_place=getattr(extractor, "normalize_", None),
+        resize_dtype=resize_dtype, **layout,
+    )
+
+
 class _HeapTrimmer:
     """Calls glibc's ``malloc_trim(0)`` at most every :data:`HEAP_TRIM_INTERVAL_S` seconds.
 
@@ -423,7 +440,7 @@ def iter_clip_features(
         ValueError: the extractor produced non-finite features (or ones float16 cannot hold), or a
             precision the device does not support.
     """
-    from extractors.transforms import RESIZE_MAX_ELEMENTS, RESIZE_MAX_ELEMENTS_CUDA, crop_names, preprocess_clips
+    from extractors.transforms import RESIZE_MAX_ELEMENTS, RESIZE_MAX_ELEMENTS_CUDA, crop_names
     from pipeline.video import BackgroundIterator, FrameRateResampler, VideoDecodeError, open_video
 
     run_cfg = _settings(ctx_or_cfg)
@@ -505,13 +522,9 @@ def iter_clip_features(
                     continue
                 t = time.perf_counter()
                 x = item.frames.to(device, non_blocking=True)
-                x = preprocess_clips(
-                    x, extractor.resize, extractor.crop_size, cfg.crops, cfg.crop_order,
-                    normalize=extractor.normalize,
-                    normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
-                    memory_format=memory_format, max_elements=max_elements, buffer=net_input,
-                    resize_dtype=cfg.resize_dtype, normalize_in_place=getattr(extractor, "normalize_", None),
-                )  # [B*C, 3, T, s, s] on the device
+                x = network_input(extractor, x, cfg.crops, cfg.crop_order, cfg.resize_dtype,
+                                  memory_format=memory_format, max_elements=max_elements,
+                                  buffer=net_input)  # [B*C, 3, T, s, s] on the device
                 if net_input is None or x.untyped_storage().data_ptr() != net_input.untyped_storage().data_ptr():
                     net_input = x  # newly allocated: the buffer for the next batches
                 sync()

@@ -28,7 +28,7 @@ import torch
 from pipeline.cache import atomic_torch_save, atomic_write_bytes
 from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
 
-from .extract import ExtractStage, extract_video
+from .extract import ExtractStage, extract_video, network_input
 from .train import _load_checkpoint, _rng_state, _set_rng_state, _write_log, load_detector, train_detector
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,6 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     """
     from extractors import EXTRACTORS
     from extractors.sga import build_esga
-    from extractors.transforms import preprocess_clips
     from models import DETECTORS
     from models.mist import class_weights
 
@@ -274,10 +273,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
             frames.append(decode_clips(v["path"], [v["starts"][j] for j in pick], ext.clip_len, ctx.cfg.data.folder_fps))
             labels.append(v["labels"][pick])
         clips = torch.from_numpy(np.concatenate(frames)).to(device)
-        x = preprocess_clips(clips, extractor.resize, extractor.crop_size, "center", normalize=extractor.normalize,
-                             normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
-                             resize_dtype=ctx.cfg.extract.resize_dtype,
-                             normalize_in_place=getattr(extractor, "normalize_", None))
+        x = network_input(extractor, clips, "center", "torchvision", ctx.cfg.extract.resize_dtype)
         return x, torch.from_numpy(np.concatenate(labels)).to(device)
 
     model.train()
