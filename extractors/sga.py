@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extractors.base import ClipExtractor
+
 #: mid-level endpoint per backbone network and its channels (module docstring)
 I3D_MID = ("Mixed_4f", 832)
 C3D_MID = ("conv4b", 512)
@@ -204,9 +206,10 @@ class SGAExtractor:
         return self.base.normalize(clips)
 
     def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
-        """The base extractor's in-place normalisation (``ClipExtractor.normalize_``)."""
+        """The base extractor's in-place normalisation; for a base without one,
+        ``ClipExtractor.normalize_``'s default through :meth:`normalize`."""
         in_place = getattr(self.base, "normalize_", None)
-        return in_place(clips) if in_place is not None else clips.copy_(self.base.normalize(clips))
+        return in_place(clips) if in_place is not None else ClipExtractor.normalize_(self, clips)
 
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         """``[N, 3, T, s, s]`` normalised clips -> ``[N, D]`` float32; appends ``[N, h, w]`` attention."""

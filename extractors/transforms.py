@@ -284,16 +284,14 @@ def preprocess_clips(
         if x.dtype == torch.uint8:
             # channels-last uint8 from the CPU kernel: as [p, 3, pt, oh, ow] already channels_last_3d,
             # so crops copy whole rows; made float once here when a pointwise normalisation runs on
-            # the resized frames, else each crop is converted as it is copied (or normalised)
-            if pre is not None:
-                if in_place is None:
-                    x = x.to(torch.float32, memory_format=memory_format)
-                else:
-                    if scratch is None:
-                        b_0, b_1, t_0, t_1 = pieces[0]
-                        scratch = torch.empty((b_1 - b_0, 3, t_1 - t_0, oh, ow), dtype=torch.float32,
-                                              device=x.device, memory_format=memory_format)
-                    x = scratch[:p, :, :pt].copy_(x)
+            # the resized frames (into the scratch when it runs in place), else each crop is
+            # converted as it is copied (or normalised)
+            if pre is not None and in_place is None:
+                x = x.to(torch.float32, memory_format=memory_format)
+            elif pre is not None:
+                if scratch is None:  # the first piece is the largest
+                    scratch = torch.empty_like(x, dtype=torch.float32, memory_format=memory_format)
+                x = scratch[:p, :, :pt].copy_(x)
         elif s and memory_format != torch.contiguous_format and cropped_area > oh * ow:
             # when the crops hold more pixels than the frame (10 or 5 crops), one transposing copy of
             # the resized frames instead of one per crop: a planar frame copied into channels_last_3d
