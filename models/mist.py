@@ -84,19 +84,92 @@ class MistConfig(TrainConfig):
     lambda_sparse: float = opt(8e-5, "lambda of L_MIL's sparsity term (poster Eq. 7; value from Sultani Sec. 4.2)")
     smooth_window: int = opt(5, "moving-average (box) window of the pseudo-labels (PROTOCOLS.md)")
     smooth_passes: int = opt(2, "times the box filter is applied (PROTOCOLS.md: twice)")
-    ft_epochs: int = opt(301, "stage II epochs (PROTOCOLS.md)")
-    ft_lr: float = opt(1e-4, "stage II Adam learning rate (PROTOCOLS.md: lr 1e-4; the optimiser is not stated)")
-    ft_clips_per_video: int = opt(3, "clips sampled per training video per epoch (PROTOCOLS.md)")
-    ft_batch_videos: int = opt(10, "videos per stage II step (x ft_clips_per_video clips; not stated, a choice)")
-    ft_expand_k: int = opt(8, "expand_k of the self-guided attention (PROTOCOLS.md)")
-    ft_freeze_epochs: int = opt(30, "epochs with the backbone frozen (PROTOCOLS.md: 30 UCF-Crime, 60 ShanghaiTech)")
-    ft_dropout: float = opt(0.5, "dropout before E_SGA's main head (not stated; a choice)")
-    ft_class_weights: str = choice(
-        "frequency",
-        ("frequency", "none"),
-        "w0, w1 of the class-weighted cross-entropy (poster L_w): inverse class frequencies of the training "
-        "clip labels (each class weighs half), or 1",
+    # ---- stage II (fjchange/MIST_VAD stage2training/{SHT_I3D,SHT_C3D,UCF_C3D}_train.sh and .py,
+    # configs/{SHT_I3D,SHT_C3D,UCF_C3D}_options.py, datasets/dataset.py). Sentinels ('' / 0 / -1)
+    # take the value of ft_recipe; stages.mist.stage2_settings resolves them.
+    ft_recipe: str = choice(
+        "auto",
+        ("auto", "sht_i3d", "sht_c3d", "ucf_c3d"),
+        "which official stage II script the '' / 0 / -1 settings below follow: sht_i3d (SHT_I3D_train.sh + "
+        "configs/SHT_I3D_options.py), sht_c3d (SHT_C3D_train.sh + SHT_C3D_options.py), ucf_c3d (UCF_C3D_train.sh "
+        "+ UCF_C3D_options.py); auto = sht_c3d for a C3D backbone, else sht_i3d (the authors give no I3D "
+        "UCF-Crime stage II script)",
     )
+    ft_epochs: int = opt(301, "stage II epochs (official *_train.sh: --epochs 301, all three scripts)")
+    ft_lr: float = opt(1e-4, "Adam learning rate after warm-up, constant (official *_train.sh --lr 1e-4; "
+                       "utils/utils.py get_lr_scheduler; the options' --min_lr 1e-6 is never read)")
+    ft_warmup_epochs: int = opt(5, "linear warm-up epochs: epoch e < 5 trains at lr (e + 0.5) / 5 (official "
+                                "*_train.sh --warmup_epochs 5; utils/utils.py get_lr_scheduler, LambdaLR per epoch)")
+    ft_weight_decay: float = opt(5e-4, "Adam (L2, not decoupled) weight decay (official configs/*_options.py "
+                                 "--weight_decay 5e-4, --optim adam)")
+    ft_decay_biases: str = choice(
+        "", ("", "yes", "no"),
+        "weight decay on bias (non-'weight') parameters too: '' = recipe (sht_*: yes, one parameter group, "
+        "SHT_*_train.py get_optimizer; ucf_c3d: no, UCF_C3D_train.py get_optimizer gives biases decay 0)",
+    )
+    ft_grad_clip: float = opt(-1.0, "gradient-norm clipping before each optimiser step; -1 = recipe (sht_i3d 20, "
+                              "sht_c3d 10, ucf_c3d 20: configs/*_options.py --grad_clip); 0 = off")
+    ft_batch_videos: int = opt(0, "videos of EACH class per batch (class-balanced: as many anomalous as normal, "
+                               "two shuffled loaders zipped, last partial batch dropped; an epoch ends with the "
+                               "shorter class); 0 = recipe (sht_* 10, ucf_c3d 32: *_train.sh --batch_size)")
+    ft_accumulate: int = opt(0, "batches per optimiser step (gradients summed; the step follows batch i of an epoch "
+                             "when i % n == 0, gradients left at an epoch's end carry into the next, as the official "
+                             "train_SG_epoch counter); 0 = recipe (sht_i3d 3, sht_c3d 1, ucf_c3d 5: configs/*_options.py "
+                             "--accumulate_step)")
+    ft_clips_per_video: int = opt(3, "clips per video per batch, one from each of 3 equal spans (official *_train.sh "
+                                  "--clip_num 3; utils/utils.py random_perturb)")
+    ft_expand_k: int = opt(8, "expand_k of the self-guided attention: 2k = 16 attention channels (official "
+                           "configs/*_options.py --expand_k 8)")
+    ft_freeze_epochs: int = opt(-1, "epochs with the backbone frozen (run without gradients); -1 = recipe (sht_* 30: "
+                                "--freeze_epochs 30; ucf_c3d 60: UCF_C3D_train.sh --freeze_epochs 60)")
+    ft_freeze_bn_epochs: int = opt(-1, "epochs with the backbone's batch-norm affine parameters frozen (official "
+                                   "SHT_I3D_train.sh --freeze_bn --freeze_bn_epochs 30); -1 = ft_freeze_epochs")
+    ft_bn_stats: str = choice(
+        "batch", ("batch", "running"),
+        "backbone batch norms while training: batch = normalise with and update batch statistics (official "
+        "SHT_I3D_train.sh --use_bn_sta; I3D_SGA_STD.freeze_batch_norm keeps them in train mode), running = eval "
+        "mode, statistics frozen. C3D has no batch norm",
+    )
+    ft_bn_momentum: float = opt(0.1, "momentum of the running batch statistics while fine-tuning (official "
+                                "models/I3D_STD.py Unit3Dpy: torch BatchNorm3d default 0.1; the pretrained "
+                                "Sonnet port uses 0.001)")
+    ft_dropout: float = opt(0.8, "dropout before E_SGA's main head (official configs/*_options.py --dropout_rate 0.8)")
+    ft_class_weights: str = opt(
+        "",
+        "weights (anomalous term, normal term) of the class-weighted cross-entropy of both heads: '' = recipe "
+        "(sht_i3d '0.8,0.65', C3D recipes '1,1': configs/*_options.py --class_reweights; stage2training/losses.py "
+        "Weighted_BCE_Loss puts the first on y log p); 'a,n' = those values; 'frequency' = inverse class "
+        "frequencies of the pseudo-labels (each class weighing half)",
+    )
+    ft_lambda_guided: float = opt(1.0, "weight of the guided head's loss; the main head's is 1 (official "
+                                  "--lambda_atten / --lambda_att 1.0, --lambda_base 1.0)")
+    ft_label_interp: str = choice(
+        "", ("", "swapped", "overlap", "max"),
+        "label of a jittered clip spanning pseudo-labelled clips c and c+1 (b frames into c): '' = recipe; swapped "
+        "= (b/16) y_c + (1 - b/16) y_(c+1) (sht_i3d: datasets/dataset.py Train_TemAug_Dataset_SHT_I3D, weights as "
+        "written there); overlap = each clip's share of the frames, (1 - b/16) y_c + (b/16) y_(c+1); max = "
+        "max(y_c, y_(c+1)) (C3D recipes: Train_TemAug_Dataset_SHT_C3D / _C3D). Normal videos: 0",
+    )
+    ft_augment: str = choice(
+        "official", ("official", "none"),
+        "training clips: official = temporal jitter (16 frames starting 0-15 frames into a sampled clip), frame "
+        "resized to ft_train_size, multi-scale corner/centre crop (scales 1.0 and 0.8 of the short side, 13 fixed "
+        "places) resized to the backbone's crop, horizontal flip p=0.5, grayscale p=ft_grayscale (datasets/dataset.py "
+        "Train_TemAug_*, opencv_videovision/transforms.py MultiScaleCrop); none = the sampled clips as they are, "
+        "resized to ft_train_size and centre-cropped",
+    )
+    ft_train_size: str = opt("", "HxW the training frames are resized to before cropping; '' = recipe (I3D 256x340, "
+                             "C3D 128x171: Train_TemAug_Dataset_* transforms.Resize)")
+    ft_grayscale: float = opt(-1.0, "probability a training clip is made grayscale; -1 = recipe (sht_i3d 0, C3D "
+                              "recipes 0.1: transforms.RandomGrayScale in Train_TemAug_Dataset_SHT_C3D / _C3D)")
+    ft_test_input: str = choice(
+        "official", ("official", "extract"),
+        "input of the fine-tuned encoder at test time and re-extraction (mist_extract, pipeline score): official = "
+        "the frame resized to ft_test_size, whole (sht_i3d: Test_Dataset_SHT_I3D, 240x320, no crop) or centre-"
+        "cropped to the backbone's crop (C3D recipes: Test_Dataset_SHT_C3D / _C3D, 128x171 then 112); extract = "
+        "the extract stage's resize and extract.crops, scores averaged over the crops",
+    )
+    ft_test_size: str = opt("", "HxW of the official test-time resize; '' = recipe (sht_i3d 240x320, C3D 128x171)")
     ft_checkpoint_every: int = opt(20, "stage II steps between resumable checkpoints", key=False)
     explain: str = opt(
         "", "comma-separated video ids whose attention maps are written as PNG overlays (mist_explain stage)"
@@ -110,10 +183,19 @@ class MistConfig(TrainConfig):
             raise ValueError("topk must be in [1, sub_bags]")
         if self.smooth_window < 1 or self.smooth_passes < 0:
             raise ValueError("smooth_window must be >= 1 and smooth_passes >= 0")
-        if self.ft_epochs < 1 or self.ft_clips_per_video < 1 or self.ft_batch_videos < 1:
-            raise ValueError("ft_epochs, ft_clips_per_video and ft_batch_videos must be >= 1")
-        if self.ft_lr <= 0 or self.ft_expand_k < 1 or self.ft_freeze_epochs < 0:
-            raise ValueError("ft_lr must be > 0, ft_expand_k >= 1, ft_freeze_epochs >= 0")
+        if self.ft_epochs < 1 or self.ft_clips_per_video < 1 or self.ft_batch_videos < 0 or self.ft_accumulate < 0:
+            raise ValueError("ft_epochs and ft_clips_per_video must be >= 1, ft_batch_videos and ft_accumulate >= 0")
+        if self.ft_lr <= 0 or self.ft_expand_k < 1 or self.ft_freeze_epochs < -1 or self.ft_freeze_bn_epochs < -1:
+            raise ValueError("ft_lr must be > 0, ft_expand_k >= 1, ft_freeze_epochs and ft_freeze_bn_epochs >= -1")
+        if self.ft_warmup_epochs < 0 or self.ft_weight_decay < 0 or self.ft_grad_clip < -1 or self.ft_lambda_guided < 0:
+            raise ValueError("ft_warmup_epochs, ft_weight_decay, ft_lambda_guided must be >= 0, ft_grad_clip >= -1")
+        if not 0 <= self.ft_bn_momentum <= 1 or not (self.ft_grayscale == -1 or 0 <= self.ft_grayscale <= 1):
+            raise ValueError("ft_bn_momentum must be in [0, 1], ft_grayscale in [0, 1] or -1")
+        for name in ("ft_train_size", "ft_test_size"):
+            if getattr(self, name):
+                parse_size(getattr(self, name), name)
+        if self.ft_class_weights not in ("", "frequency"):
+            parse_class_weights(self.ft_class_weights)
 
     def explain_ids(self) -> list[str]:
         return [v.strip() for v in self.explain.split(",") if v.strip()]
@@ -188,26 +270,60 @@ def refine_pseudo_labels(scores: np.ndarray, window: int, passes: int) -> np.nda
     return ((s - lo) / (hi - lo)).astype(np.float32)
 
 
-def class_weights(labels: np.ndarray, mode: str) -> tuple[float, float]:
-    """``(w0, w1)`` of :func:`class_weighted_ce` from all training clip labels ``[n]`` in [0, 1]:
-    with ``frequency``, ``w0 = 1 / (2 f)`` and ``w1 = 1 / (2 (1 - f))``, ``f`` the mean label (the
-    share of anomalous clips, soft labels counted fractionally), so both classes weigh the same in
-    total; ``none``: ``(1, 1)``."""
-    if mode == "none":
+def parse_size(text: str, name: str = "size") -> tuple[int, int]:
+    """``"HxW"`` (e.g. ``"240x320"``) -> ``(H, W)``, both >= 1; ValueError naming ``name`` otherwise."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{name} must be HxW, e.g. 240x320, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be HxW with H, W >= 1, got {text!r}")
+    return h, w
+
+
+def parse_class_weights(text: str) -> tuple[float, float]:
+    """``"a,n"`` -> ``(a, n)``: the anomalous and normal terms' weights, both >= 0 (official ``--class_reweights``)."""
+    try:
+        a, n = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"ft_class_weights must be 'frequency' or two numbers 'a,n', got {text!r}") from None
+    if a < 0 or n < 0:
+        raise ValueError(f"ft_class_weights must be >= 0, got {text!r}")
+    return a, n
+
+
+def class_weights(spec: str, labels: np.ndarray | None = None) -> tuple[float, float]:
+    """``(w_anomalous, w_normal)`` of :func:`class_weighted_ce`.
+
+    ``spec``: ``"a,n"`` fixed weights (official ``--class_reweights``: ``0.8,0.65`` in
+    configs/SHT_I3D_options.py, ``1,1`` in the C3D configs), ``"none"`` = ``(1, 1)``, or ``"frequency"``:
+    from all training clip labels ``labels`` ``[n]`` in [0, 1], ``(1 / (2 f), 1 / (2 (1 - f)))`` with
+    ``f`` the mean label (soft labels counted fractionally), so both classes weigh the same in total.
+    """
+    if spec == "none":
         return 1.0, 1.0
+    if spec != "frequency":
+        return parse_class_weights(spec)
+    if labels is None:
+        raise ValueError("frequency class weights need the training clip labels")
     f = float(np.clip(np.mean(labels), 1e-3, 1 - 1e-3))
     return 0.5 / f, 0.5 / (1.0 - f)
 
 
-def class_weighted_ce(p: torch.Tensor, y: torch.Tensor, w0: float, w1: float) -> torch.Tensor:
-    """The poster's ``L_w = -w0 y log p - w1 (1 - y) log(1 - p)``, averaged over clips.
+#: added inside the logarithms of :func:`class_weighted_ce` (official stage2training/losses.py, ``eps=1e-8``)
+CE_EPS = 1e-8
 
-    ``p``: ``[N]`` anomaly probabilities in (0, 1); ``y``: ``[N]`` labels in [0, 1] (pseudo-labels are
-    soft). Computed from ``log p`` clamped at -100 (as ``binary_cross_entropy``) for stability.
+
+def class_weighted_ce(p: torch.Tensor, y: torch.Tensor, w_anomalous: float, w_normal: float) -> torch.Tensor:
+    """``mean(-w_a y log(p + eps) - w_n (1 - y) log(1 - p + eps))``, eps = 1e-8 (official
+    stage2training/losses.py, ``Weighted_BCE_Loss`` with label smoothing 0, which clips ``y`` to [0, 1];
+    the poster's ``L_w``).
+
+    ``p``: ``[N]`` anomaly probabilities (softmax of a head's 2 logits, class 1) in [0, 1]; ``y``:
+    ``[N]`` soft labels, clipped to [0, 1]. Returns a scalar (float32 for float32 input).
     """
-    logp = torch.log(p).clamp(min=-100)
-    log1p = torch.log1p(-p).clamp(min=-100)
-    return -(w0 * y * logp + w1 * (1 - y) * log1p).mean()
+    y = y.clamp(0.0, 1.0)
+    return -(w_anomalous * y * torch.log(p + CE_EPS) + w_normal * (1 - y) * torch.log(1 - p + CE_EPS)).mean()
 
 
 @register_detector("mist")

@@ -463,9 +463,11 @@ def iter_clip_features(
             src.close()
             raise ValueError(f"{path}: extract.target_fps={cfg.target_fps:g} is more than {clip_len} times the "
                              f"video's {src.fps:g} fps: a clip would span less than one source frame")
-    names = crop_names(cfg.crops, cfg.crop_order)
+    # an extractor with its own test-time input (MIST's fine-tuned encoder, extractors.sga) overrides extract.crops
+    crops = getattr(extractor, "input_crops", None) or cfg.crops
+    names = crop_names(crops, cfg.crop_order)
     if info is not None:
-        info.update(fps=src.fps, height=src.height, width=src.width, crops=names,
+        info.update(fps=src.fps, height=src.height, width=src.width, crops=names, crop_setting=crops,
                     target_fps=cfg.target_fps or None, clip_fps=cfg.target_fps or src.fps)
 
     pool = _BufferPool(pin_memory=device.type == "cuda", keep=cfg.prefetch_batches + 2)
@@ -522,7 +524,7 @@ def iter_clip_features(
                     continue
                 t = time.perf_counter()
                 x = item.frames.to(device, non_blocking=True)
-                x = network_input(extractor, x, cfg.crops, cfg.crop_order, cfg.resize_dtype,
+                x = network_input(extractor, x, crops, cfg.crop_order, cfg.resize_dtype,
                                   memory_format=memory_format, max_elements=max_elements,
                                   buffer=net_input)  # [B*C, 3, T, s, s] on the device
                 if net_input is None or x.untyped_storage().data_ptr() != net_input.untyped_storage().data_ptr():
@@ -591,7 +593,7 @@ def extract_video(ctx: Any, extractor: Any, path: Any) -> tuple[np.ndarray, dict
         "n_frames_resampled": info["n_frames_resampled"],
         "frame_selection": "floor(j * fps / target_fps)" if info["target_fps"] else "all frames",
         "crops": info["crops"],
-        "crop_setting": cfg.crops,
+        "crop_setting": info["crop_setting"],
         "resize_dtype": cfg.resize_dtype,
         "extractor": extractor.registry_name,
         "weights_sha256": extractor.weights_checksum,

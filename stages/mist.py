@@ -7,28 +7,32 @@ their last checkpoint, re-extraction skips completed videos. The stages are ``op
 (and ``pipeline status`` lists them) only when the chosen detector's train or evaluate stage reads
 them.
 
-Stage II (:func:`finetune`) decodes the training clips it samples from the raw videos with the
-extract stage's decoder (``pipeline.video.open_video``) and preprocessing
-(``extractors.transforms.preprocess_clips``, the extractor's resize, centre crop and
-normalisation), so that training and re-extraction see the same inputs.
+Stage II (:func:`finetune`) follows the authors' scripts (fjchange/MIST_VAD stage2training/*_train.sh,
+configs/*_options.py, datasets/dataset.py), per recipe (:data:`STAGE2_RECIPES`, ``train.ft_recipe``):
+it decodes the training clips it samples from the raw videos with the extract stage's decoder
+(``pipeline.video.open_video``), jitters them in time, resizes them with the extract stage's resize
+(``extractors.transforms.preprocess_clips``), augments them (multi-scale crop, flip, grayscale) and
+normalises them as the extractor does. Re-extraction (``mist_extract``) and ``pipeline score`` feed
+the fine-tuned encoder the official test-time input recorded in ``encoder.pt`` (``train.ft_test_input``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.cache import atomic_torch_save, atomic_write_bytes
 from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
 
-from .extract import ExtractStage, extract_video, network_input
+from .extract import ExtractStage, extract_video
 from .train import _load_checkpoint, _rng_state, _set_rng_state, _write_log, load_detector, train_detector
 
 log = logging.getLogger(__name__)
@@ -129,6 +133,93 @@ def _plot_pseudo_labels(path: Path, vid: str, scores: np.ndarray, labels: np.nda
 # ------------------------------------------------------------------------------------- stage II
 
 
+@dataclass(frozen=True)
+class Stage2Settings:
+    """Stage II settings with every recipe sentinel of :class:`models.mist.MistConfig` resolved
+    (:func:`stage2_settings`); field meanings are those of the ``ft_*`` settings of the same name.
+    Sizes are ``(H, W)``; ``test_crops`` is ``"none"`` / ``"center"`` (official test input) or None
+    (``ft_test_input=extract``: the extract stage's resize and crops)."""
+
+    recipe: str
+    epochs: int
+    lr: float
+    warmup_epochs: int
+    weight_decay: float
+    decay_biases: bool
+    grad_clip: float
+    batch_videos: int
+    accumulate: int
+    clips_per_video: int
+    expand_k: int
+    freeze_epochs: int
+    freeze_bn_epochs: int
+    bn_batch_stats: bool
+    bn_momentum: float
+    dropout: float
+    class_weights: str
+    lambda_guided: float
+    label_interp: str
+    augment: str
+    train_size: tuple[int, int]
+    grayscale: float
+    test_crops: str | None
+    test_size: tuple[int, int]
+
+
+#: the values of the recipe-dependent stage II settings per official script (fjchange/MIST_VAD):
+#: sht_i3d = stage2training/SHT_I3D_train.sh + configs/SHT_I3D_options.py + Train_TemAug_Dataset_SHT_I3D /
+#: Test_Dataset_SHT_I3D; sht_c3d = SHT_C3D_train.sh + SHT_C3D_options.py + ..._SHT_C3D (its .sh passes
+#: "freeze_epochs 30" without "--", the options' default is 30 too); ucf_c3d = UCF_C3D_train.sh +
+#: UCF_C3D_options.py + Train_TemAug_Dataset_C3D / Test_Dataset_C3D (biases without weight decay there).
+STAGE2_RECIPES: dict[str, dict[str, Any]] = {
+    "sht_i3d": {"grad_clip": 20.0, "batch_videos": 10, "accumulate": 3, "freeze_epochs": 30, "decay_biases": True,
+                "class_weights": "0.8,0.65", "label_interp": "swapped", "train_size": (256, 340), "grayscale": 0.0,
+                "test_crops": "none", "test_size": (240, 320)},
+    "sht_c3d": {"grad_clip": 10.0, "batch_videos": 10, "accumulate": 1, "freeze_epochs": 30, "decay_biases": True,
+                "class_weights": "1,1", "label_interp": "max", "train_size": (128, 171), "grayscale": 0.1,
+                "test_crops": "center", "test_size": (128, 171)},
+    "ucf_c3d": {"grad_clip": 20.0, "batch_videos": 32, "accumulate": 5, "freeze_epochs": 60, "decay_biases": False,
+                "class_weights": "1,1", "label_interp": "max", "train_size": (128, 171), "grayscale": 0.1,
+                "test_crops": "center", "test_size": (128, 171)},
+}
+
+#: MultiScaleCrop scales of the short side (official datasets/dataset.py Train_TemAug_*: [1.0, 0.8], max_distort 1)
+CROP_SCALES = (1.0, 0.8)
+
+
+def stage2_settings(cfg: Any, backbone: str) -> Stage2Settings:
+    """Resolve ``cfg`` (a :class:`models.mist.MistConfig`) for extract.backbone ``backbone``: sentinel
+    values (``''``, 0, -1) take the recipe's (:data:`STAGE2_RECIPES`); ``ft_recipe=auto`` is
+    ``sht_c3d`` for a C3D backbone, else ``sht_i3d``."""
+    from models.mist import parse_size
+
+    name = cfg.ft_recipe if cfg.ft_recipe != "auto" else ("sht_c3d" if "c3d" in backbone else "sht_i3d")
+    r = STAGE2_RECIPES[name]
+    freeze = cfg.ft_freeze_epochs if cfg.ft_freeze_epochs >= 0 else r["freeze_epochs"]
+    decay_biases = r["decay_biases"] if cfg.ft_decay_biases == "" else cfg.ft_decay_biases == "yes"
+    return Stage2Settings(
+        recipe=name, epochs=cfg.ft_epochs, lr=cfg.ft_lr, warmup_epochs=cfg.ft_warmup_epochs,
+        weight_decay=cfg.ft_weight_decay, decay_biases=decay_biases,
+        grad_clip=cfg.ft_grad_clip if cfg.ft_grad_clip >= 0 else r["grad_clip"],
+        batch_videos=cfg.ft_batch_videos or r["batch_videos"], accumulate=cfg.ft_accumulate or r["accumulate"],
+        clips_per_video=cfg.ft_clips_per_video, expand_k=cfg.ft_expand_k, freeze_epochs=freeze,
+        freeze_bn_epochs=cfg.ft_freeze_bn_epochs if cfg.ft_freeze_bn_epochs >= 0 else freeze,
+        bn_batch_stats=cfg.ft_bn_stats == "batch", bn_momentum=cfg.ft_bn_momentum, dropout=cfg.ft_dropout,
+        class_weights=cfg.ft_class_weights or r["class_weights"], lambda_guided=cfg.ft_lambda_guided,
+        label_interp=cfg.ft_label_interp or r["label_interp"], augment=cfg.ft_augment,
+        train_size=parse_size(cfg.ft_train_size, "ft_train_size") if cfg.ft_train_size else r["train_size"],
+        grayscale=cfg.ft_grayscale if cfg.ft_grayscale >= 0 else r["grayscale"],
+        test_crops=r["test_crops"] if cfg.ft_test_input == "official" else None,
+        test_size=parse_size(cfg.ft_test_size, "ft_test_size") if cfg.ft_test_size else r["test_size"],
+    )
+
+
+def lr_factor(epoch: int, warmup_epochs: int) -> float:
+    """Learning-rate multiplier of ``epoch`` (0-based): ``(epoch + 0.5) / warmup`` during the warm-up,
+    then 1 (official utils/utils.py ``get_lr_scheduler``, a LambdaLR stepped once per epoch)."""
+    return (epoch + 0.5) / warmup_epochs if epoch < warmup_epochs else 1.0
+
+
 def decode_clips(path: Any, starts: list[int], clip_len: int, folder_fps: float) -> np.ndarray:
     """Frames ``[start, start + clip_len)`` of ``path`` for each start, in one sequential pass.
 
@@ -164,6 +255,88 @@ def decode_clips(path: Any, starts: list[int], clip_len: int, folder_fps: float)
     return out
 
 
+def _randint(lo: int, hi: int, gen: torch.Generator) -> int:
+    """Uniform integer in ``[lo, hi]`` (both included)."""
+    return lo + int(torch.randint(hi - lo + 1, (1,), generator=gen))
+
+
+def stratified_clips(n: int, k: int, gen: torch.Generator) -> list[int]:
+    """``k`` clip indices of ``[0, n)``, one per equal span, as the official ``random_perturb(n, k)``
+    (utils/utils.py): span i starts at ``floor(i n / k)``; the index is uniform from there to the next
+    span's start, both included (the last span: to ``n - 1``), or the start when that range is one value."""
+    edges = [int(i * n / k) for i in range(k)]
+    out = []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i < k - 1 else n - 1
+        out.append(_randint(lo, hi, gen) if hi > lo else lo)
+    return out
+
+
+def jitter_label(labels: np.ndarray, c: int, offset: int, clip_len: int, mode: str) -> float:
+    """Label of the clip of ``clip_len`` frames starting ``offset`` frames into pseudo-labelled clip
+    ``c`` (so it spans clips ``c`` and ``c + 1``); ``labels`` ``[n]`` in [0, 1]; ``mode`` as
+    ``train.ft_label_interp``. Past the last clip: the last label (official Train_TemAug_Dataset_*)."""
+    if c + 1 >= len(labels):
+        return float(labels[min(c, len(labels) - 1)])
+    a, b, p = float(labels[c]), float(labels[c + 1]), offset / clip_len
+    if mode == "swapped":
+        return p * a + (1 - p) * b
+    if mode == "overlap":
+        return (1 - p) * a + p * b
+    if mode == "max":
+        return max(a, b)
+    raise ValueError(f"unknown label interpolation {mode!r}")
+
+
+def multiscale_crop_box(h: int, w: int, size: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, crop_h, crop_w)`` of one random multi-scale crop of an ``h x w`` frame (official
+    opencv_videovision/transforms.py ``MultiScaleCrop(size, [1.0, 0.8], max_distort=1, fix_crop=True)``):
+    side lengths ``int(min(h, w) * s)`` for s in :data:`CROP_SCALES` (snapped to ``size`` within 2
+    pixels), a random (height, width) pair of them at most one scale apart, placed at one of 13 fixed
+    places (corners, centre, edge middles, quarter points; ``fill_fix_offset`` with more_fix_crop)."""
+    sides = [int(min(h, w) * s) for s in CROP_SCALES]
+    sides = [size if abs(v - size) < 3 else v for v in sides]
+    pairs = [(a, b) for i, a in enumerate(sides) for j, b in enumerate(sides) if abs(i - j) <= 1]
+    ch, cw = pairs[_randint(0, len(pairs) - 1, gen)]
+    ws, hs = (w - cw) // 4, (h - ch) // 4
+    places = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
+    x, y = places[_randint(0, len(places) - 1, gen)]
+    return y * hs, x * ws, ch, cw
+
+
+def augment_clips(frames: torch.Tensor, size: int, gen: torch.Generator, grayscale: float, augment: bool) -> torch.Tensor:
+    """Spatial augmentation of resized training clips (official Train_TemAug_Dataset_*: MultiScaleCrop,
+    RandomHorizontalFlip p=0.5, RandomGrayScale p=``grayscale``), each clip with its own draw.
+
+    Args:
+        frames: ``[K, 3, T, H, W]`` float32 RGB in [0, 255] (already resized to ``ft_train_size``).
+        size: the backbone's crop side ``s``.
+        augment: False = the centre ``s x s`` crop, nothing else.
+    Returns:
+        ``[K, 3, T, s, s]`` float32 in [0, 255]. The crop is resized bilinearly without antialiasing
+        (as cv2.INTER_LINEAR); grayscale is ``0.299 B + 0.587 G + 0.114 R`` in all three channels, the
+        official cv2 RGB2GRAY applied to the BGR frames its C3D datasets decode.
+    """
+    k, _, t, h, w = frames.shape
+    out = frames.new_empty((k, 3, t, size, size))
+    gray_w = frames.new_tensor([0.114, 0.587, 0.299]).view(3, 1, 1, 1)
+    for i in range(k):
+        if augment:
+            top, left, ch, cw = multiscale_crop_box(h, w, size, gen)
+        else:
+            top, left, ch, cw = round((h - size) / 2), round((w - size) / 2), size, size  # as the extract stage's centre crop
+        crop = frames[i, :, :, top : top + ch, left : left + cw].transpose(0, 1)  # [T, 3, ch, cw]
+        if (ch, cw) != (size, size):
+            crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        clip = crop.transpose(0, 1)
+        if augment and float(torch.rand((), generator=gen)) < 0.5:
+            clip = clip.flip(-1)
+        if augment and grayscale > 0 and float(torch.rand((), generator=gen)) < grayscale:
+            clip = (clip * gray_w).sum(0, keepdim=True).expand(3, -1, -1, -1)
+        out[i] = clip
+    return out
+
+
 def _autocast(device: torch.device) -> tuple[Any, Any]:
     """Mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler); fp32 on the CPU."""
     if device.type != "cuda":
@@ -175,22 +348,24 @@ def _autocast(device: torch.device) -> tuple[Any, Any]:
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-def finetune_losses(model: Any, x: torch.Tensor, y: torch.Tensor, w0: float, w1: float, autocast: Any) -> dict[str, torch.Tensor]:
-    """L = L1 + L2 (poster, stage II): class-weighted CE of the main head (L1) and of the guided head
-    H_g (L2) against the clip labels ``y`` ``[N]`` in [0, 1]; ``x`` ``[N, 3, T, s, s]`` normalised clips."""
+def finetune_losses(model: Any, x: torch.Tensor, y: torch.Tensor, w_anomalous: float, w_normal: float, autocast: Any,
+                    lambda_guided: float = 1.0) -> dict[str, torch.Tensor]:
+    """``L = L_main + lambda_guided L_guided`` (official SHT_I3D_train.py ``train_SG_epoch``: the class-
+    weighted cross-entropy of the softmax class-1 probability of the main head and of the guided head
+    H_g, against the clip labels ``y`` ``[N]`` in [0, 1]); ``x`` ``[N, 3, T, s, s]`` normalised clips."""
     from models.mist import class_weighted_ce
 
     with autocast:
         out = model(x)
     p = torch.softmax(out.logits.float(), dim=-1)[:, 1]
     pg = torch.softmax(out.guided_logits.float(), dim=-1)[:, 1]
-    l1 = class_weighted_ce(p, y, w0, w1)
-    l2 = class_weighted_ce(pg, y, w0, w1)
-    return {"main": l1, "guided": l2, "total": l1 + l2}
+    main = class_weighted_ce(p, y, w_anomalous, w_normal)
+    guided = class_weighted_ce(pg, y, w_anomalous, w_normal)
+    return {"main": main, "guided": guided, "total": main + lambda_guided * guided}
 
 
 def _training_clips(ctx: Context, inputs: dict[str, StageDir]) -> list[dict[str, Any]]:
-    """Every training video with pseudo-labels: id, path, clip start frames and clip labels ``[T]``."""
+    """Every training video with pseudo-labels: id, path, video label, clip start frames and clip labels ``[T]``."""
     ext, pseudo = inputs["extract"], inputs["mist_pseudo"]
     have = set(pseudo.complete_items()) & set(ext.complete_items())
     out = []
@@ -201,22 +376,85 @@ def _training_clips(ctx: Context, inputs: dict[str, StageDir]) -> list[dict[str,
         labels = pseudo.load_item(v.id)[1]["labels"]
         if len(labels) != len(ranges):
             raise StageError(f"{v.id}: {len(labels)} pseudo-labels for {len(ranges)} clips; rerun mist_pseudo with --force")
-        out.append({"id": v.id, "path": ctx.manifest.resolve(v), "starts": [int(a) for a, _ in ranges],
-                    "labels": labels.astype(np.float32)})
-    if not any(len(v["labels"]) and v["labels"].max() > 0 for v in out):
+        out.append({"id": v.id, "path": ctx.manifest.resolve(v), "label": int(v.label),
+                    "starts": [int(a) for a, _ in ranges], "labels": labels.astype(np.float32)})
+    if not any(v["label"] == 1 and len(v["labels"]) and v["labels"].max() > 0 for v in out):
         raise StageError("MIST stage II: no anomalous training clip has a positive pseudo-label")
     return out
 
 
+def balanced_batches(abnormal: list[int], normal: list[int], per_class: int, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of class-balanced batches (official SHT_I3D_train.py: two shuffled DataLoaders of
+    ``per_class`` videos, ``drop_last``, zipped): batch i = normal videos ``i B .. i B + B - 1`` of a
+    fresh permutation, then the same slice of the anomalous ones; ``min(len // B)`` batches."""
+    a = [abnormal[i] for i in torch.randperm(len(abnormal), generator=gen).tolist()]
+    n = [normal[i] for i in torch.randperm(len(normal), generator=gen).tolist()]
+    count = min(len(a), len(n)) // per_class
+    return [n[i * per_class : (i + 1) * per_class] + a[i * per_class : (i + 1) * per_class] for i in range(count)]
+
+
+def make_stage2_optimizer(model: torch.nn.Module, s: Stage2Settings) -> torch.optim.Optimizer:
+    """Adam (betas 0.9, 0.999) with L2 weight decay over every parameter of E_SGA (official
+    get_optimizer, ``--optim adam``; frozen parameters get no gradient, so Adam skips them); without
+    ``decay_biases`` the parameters whose name lacks ``weight`` form a group without decay (ucf_c3d)."""
+    if s.decay_biases:
+        return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if "weight" in n], "weight_decay": s.weight_decay},
+              {"params": [p for n, p in named if "weight" not in n], "weight_decay": 0.0}]
+    return torch.optim.Adam(groups, lr=s.lr)
+
+
+def sample_training_batch(videos: list[dict[str, Any]], ids: list[int], s: Stage2Settings, extractor: Any,
+                          clip_len: int, folder_fps: float, resize_dtype: str, device: torch.device,
+                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clips and labels of one batch: for each video, ``clips_per_video`` clips at
+    :func:`stratified_clips` of its first ``n - 1`` clips (all ``n`` when it has one), each shifted by
+    a random 0..clip_len-1 frames (temporal jitter, official ``begin``; 0 without augmentation),
+    labelled by :func:`jitter_label` (normal videos 0), resized to ``train_size``, augmented
+    (:func:`augment_clips`) and normalised by the extractor. Returns ``x`` ``[N, 3, T, s, s]``
+    float32 and ``y`` ``[N]`` float32 on ``device``, ``N = len(ids) * clips_per_video``."""
+    from extractors.transforms import preprocess_clips
+
+    xs, ys = [], []
+    for i in ids:
+        v = videos[i]
+        n = len(v["starts"])
+        picks = stratified_clips(n - 1, s.clips_per_video, gen) if n > 1 else [0] * s.clips_per_video
+        offsets = [_randint(0, clip_len - 1, gen) if s.augment == "official" and n > 1 else 0 for _ in picks]
+        ys += [0.0 if v["label"] == 0 else jitter_label(v["labels"], c, b, clip_len, s.label_interp)
+               for c, b in zip(picks, offsets)]
+        raw = decode_clips(v["path"], [v["starts"][c] + b for c, b in zip(picks, offsets)], clip_len, folder_fps)
+        resized = preprocess_clips(torch.from_numpy(raw).to(device), ("fixed", *s.train_size), extractor.crop_size,
+                                   "none", resize_dtype=resize_dtype)  # [K, 3, T, H, W] in [0, 255]
+        xs.append(augment_clips(resized, extractor.crop_size, gen, s.grayscale, s.augment == "official"))
+    x = extractor.normalize(torch.cat(xs))
+    return x, torch.tensor(ys, dtype=torch.float32, device=device)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients held by ``model`` (accumulated, not yet stepped), on the CPU."""
+    return {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _restore_grads(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    for n, p in model.named_parameters():
+        p.grad = grads[n].to(p.device) if n in grads else None
+
+
 def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
     """Stage II: fine-tune E_SGA on sampled raw clips; writes ``encoder.pt``, ``model.pt`` (the MIST
-    detector scoring with E_SGA's main head) and ``train_log.csv``; resumable from ``checkpoint.pt``.
+    detector scoring with E_SGA's main head) and ``train_log.csv`` (one row per batch); resumable
+    from ``checkpoint.pt``.
 
-    Schedule (PROTOCOLS.md): ``ft_epochs`` epochs; an epoch visits every training video once in a
-    seeded random order, ``ft_batch_videos`` videos per step, ``ft_clips_per_video`` clips drawn per
-    video (without replacement where it has enough), all of a step's clips in one batch; the
-    backbone is frozen for the first ``ft_freeze_epochs`` epochs (and run without gradients), then
-    fine-tuned with the rest. Adam over every parameter, lr ``ft_lr``.
+    Schedule (official stage2training/*_train.py ``trainer`` / ``train_SG_epoch``; values per
+    :func:`stage2_settings`): epoch e trains at ``lr * lr_factor(e)``; the backbone is frozen (run
+    without gradients) while ``e < freeze_epochs`` and its batch-norm affine parameters while also
+    ``e < freeze_bn_epochs``; its batch norms use batch statistics throughout (``bn_batch_stats``).
+    An epoch is :func:`balanced_batches`; each batch's loss is backpropagated and the gradients are
+    summed, the optimiser stepping (after clipping their norm at ``grad_clip``) after batch i of the
+    epoch when ``i % accumulate == 0``, so gradients left at an epoch's end join the next epoch's first
+    step (the official counter restarts every epoch).
     """
     from extractors import EXTRACTORS
     from extractors.sga import build_esga
@@ -231,21 +469,29 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
         raise StageError("MIST stage II decodes clips at the video's own frame rate; unset extract.target_fps")
     if ext.encoder:
         raise StageError("extract.encoder is for other detectors; --method mist fine-tunes its own encoder")
+    s = stage2_settings(cfg, ext.backbone)
     device = torch.device(resolve_device(cfg.device))
     videos = _training_clips(ctx, inputs)
+    abnormal = [i for i, v in enumerate(videos) if v["label"] == 1]
+    normal = [i for i, v in enumerate(videos) if v["label"] == 0]
+    if min(len(abnormal), len(normal)) < s.batch_videos:
+        raise StageError(f"MIST stage II batches hold {s.batch_videos} anomalous and {s.batch_videos} normal videos; "
+                         f"the training set has {len(abnormal)} and {len(normal)}: lower train.ft_batch_videos")
     ctx.ensure_data()
     try:
         extractor = EXTRACTORS.get(ext.backbone, weights=ext.weights or None, device=str(device))
         torch.manual_seed(cfg.seed)  # E_SGA's new layers start alike whatever ran before in this process
-        model = build_esga(extractor, cfg.ft_expand_k, cfg.ft_dropout, ext.clip_len).to(device)
+        model = build_esga(extractor, s.expand_k, s.dropout, ext.clip_len, s.bn_batch_stats).to(device)
     except (TypeError, ValueError, OSError) as e:
         raise StageError(f"train: cannot build E_SGA on {ext.backbone}: {e}") from e
-    w0, w1 = class_weights(np.concatenate([v["labels"] for v in videos]), cfg.ft_class_weights)
+    model.set_bn_momentum(s.bn_momentum)
+    w_a, w_n = class_weights(s.class_weights, np.concatenate([v["labels"] for v in videos]))
+    log.info("train: MIST stage II recipe %s: %d + %d videos per batch, %d clips each, %d batches per step, "
+             "class weights %.3g / %.3g", s.recipe, s.batch_videos, s.batch_videos, s.clips_per_video, s.accumulate, w_a, w_n)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ft_lr)
+    optimizer = make_stage2_optimizer(model, s)
     autocast, scaler = _autocast(device)
-    steps_per_epoch = math.ceil(len(videos) / cfg.ft_batch_videos)
     rows: list[dict[str, float]] = []
     epoch, pos, order = 0, 0, None
     ckpt_path = out.path / "checkpoint.pt"
@@ -253,55 +499,52 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        _restore_grads(model, ckpt["grads"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"], gen)
         rows, epoch, pos, order = ckpt["log"], ckpt["epoch"], ckpt["pos"], ckpt["order"]
-        log.info("train: MIST stage II resuming at epoch %d, step %d of %d (%s)", epoch, pos, steps_per_epoch, ckpt_path)
+        log.info("train: MIST stage II resuming at epoch %d, batch %d (%s)", epoch, pos, ckpt_path)
 
     def checkpoint() -> None:
         atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "rng": _rng_state(gen), "log": rows, "epoch": epoch, "pos": pos,
-                                      "order": order})
+                                      "grads": _grads(model), "scaler": scaler.state_dict() if scaler else None,
+                                      "rng": _rng_state(gen), "log": rows, "epoch": epoch, "pos": pos, "order": order})
         _write_log(out, rows)
 
-    def batch(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        frames, labels = [], []
-        for i in ids:
-            v = videos[i]
-            n, k = len(v["starts"]), cfg.ft_clips_per_video
-            pick = torch.randperm(n, generator=gen)[:k] if n >= k else torch.randint(n, (k,), generator=gen)
-            pick = pick.sort().values.tolist()
-            frames.append(decode_clips(v["path"], [v["starts"][j] for j in pick], ext.clip_len, ctx.cfg.data.folder_fps))
-            labels.append(v["labels"][pick])
-        clips = torch.from_numpy(np.concatenate(frames)).to(device)
-        x = network_input(extractor, clips, "center", "torchvision", ctx.cfg.extract.resize_dtype)
-        return x, torch.from_numpy(np.concatenate(labels)).to(device)
-
-    model.train()
-    bar = progress_bar(range(epoch, cfg.ft_epochs), ctx.progress, desc="mist stage II", unit="epoch",
-                       initial=epoch, total=cfg.ft_epochs)
+    bar = progress_bar(range(epoch, s.epochs), ctx.progress, desc="mist stage II", unit="epoch",
+                       initial=epoch, total=s.epochs)
     for epoch in bar:
-        model.set_backbone_trainable(epoch >= cfg.ft_freeze_epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = s.lr * lr_factor(epoch, s.warmup_epochs)
+        model.set_backbone_trainable(epoch >= s.freeze_epochs, epoch >= s.freeze_bn_epochs)
+        model.train()
         if order is None:
-            order = torch.randperm(len(videos), generator=gen).tolist()
-        while pos < steps_per_epoch:
+            order = balanced_batches(abnormal, normal, s.batch_videos, gen)
+        while pos < len(order):
             t0 = time.perf_counter()
-            x, y = batch(order[pos * cfg.ft_batch_videos : (pos + 1) * cfg.ft_batch_videos])
-            terms = finetune_step(model, optimizer, scaler, x, y, w0, w1, autocast)
+            x, y = sample_training_batch(videos, order[pos], s, extractor, ext.clip_len, ctx.cfg.data.folder_fps,
+                                         ext.resize_dtype, device, gen)
+            stepping = pos % s.accumulate == 0
+            terms = finetune_step(model, optimizer, scaler, x, y, w_a, w_n, autocast, lambda_guided=s.lambda_guided,
+                                  step=stepping, grad_clip=s.grad_clip)
             pos += 1
-            rows.append({"step": len(rows) + 1, "epoch": epoch, **terms, "seconds": time.perf_counter() - t0})
+            rows.append({"step": len(rows) + 1, "epoch": epoch, **terms, "optimizer_step": int(stepping),
+                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
             if not np.isfinite(terms["total"]):
                 raise StageError(f"train: MIST stage II loss became {terms['total']} at epoch {epoch}; lower train.ft_lr?")
-            if len(rows) % cfg.ft_checkpoint_every == 0 and pos < steps_per_epoch:
+            if len(rows) % cfg.ft_checkpoint_every == 0 and pos < len(order):
                 checkpoint()
         pos, order = 0, None
         epoch += 1
         checkpoint()  # at every epoch's end: a rerun resumes at the next epoch
-    epoch = cfg.ft_epochs
+    epoch = s.epochs
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    test_input = None if s.test_crops is None else {"resize": ["fixed", *s.test_size], "crops": s.test_crops}
     atomic_torch_save(out.path / "encoder.pt", {
-        "backbone": ext.backbone, "expand_k": cfg.ft_expand_k, "clip_len": ext.clip_len,
-        "feature_dim": model.feature_dim, "state_dict": state,
+        "backbone": ext.backbone, "expand_k": s.expand_k, "clip_len": ext.clip_len,
+        "feature_dim": model.feature_dim, "state_dict": state, "test_input": test_input, "recipe": s.recipe,
     })
     head = DETECTORS.get("mist", feature_dim=model.feature_dim, cfg=cfg)
     head.set_head(model.head)
@@ -311,22 +554,30 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
         "train_config": ctx.cfg.to_dict()["train"], "selected_step": len(rows),
     })
     _write_log(out, rows)
-    return {"epochs": cfg.ft_epochs, "steps": len(rows), "final_loss": rows[-1]["total"] if rows else None,
-            "train_videos": len(videos), "class_weights": [w0, w1], "encoder": str(out.path / "encoder.pt")}
+    return {"epochs": s.epochs, "batches": len(rows), "final_loss": rows[-1]["total"] if rows else None,
+            "train_videos": len(videos), "recipe": s.recipe, "class_weights": [w_a, w_n],
+            "encoder": str(out.path / "encoder.pt")}
 
 
 def finetune_step(model: Any, optimizer: torch.optim.Optimizer, scaler: Any, x: torch.Tensor, y: torch.Tensor,
-                  w0: float, w1: float, autocast: Any) -> dict[str, float]:
-    """One optimiser step on clips ``x`` with labels ``y``; returns the loss terms as floats."""
-    terms = finetune_losses(model, x, y, w0, w1, autocast)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(terms["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        terms["total"].backward()
-        optimizer.step()
+                  w_anomalous: float, w_normal: float, autocast: Any, *, lambda_guided: float = 1.0,
+                  step: bool = True, grad_clip: float = 0.0) -> dict[str, float]:
+    """Backpropagate one batch's loss (:func:`finetune_losses`), adding to the gradients already held;
+    with ``step``, clip the summed gradients' norm at ``grad_clip`` (0 = no clipping), take an
+    optimiser step and zero the gradients. Returns the loss terms as floats."""
+    terms = finetune_losses(model, x, y, w_anomalous, w_normal, autocast, lambda_guided)
+    (scaler.scale(terms["total"]) if scaler is not None else terms["total"]).backward()
+    if step:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -351,10 +602,14 @@ def fine_tuned_extractor(extract_cfg: Any, encoder_path: str | Path, device: str
 
 class MistExtractStage(ExtractStage):
     """Re-extraction with the fine-tuned encoder of the train stage (``encoder.pt``): the extract
-    stage's path and settings, E_SGA's attended features, plus ``attention`` ``[T, C, h, w]`` float16
-    per video. Its key holds the train stage's, so the pretrained features stay cached."""
+    stage's decoding and clips, the test-time input stage II recorded (``train.ft_test_input``; by
+    default the official one, e.g. the whole frame at 240x320 for ShanghaiTech I3D, one "crop"),
+    E_SGA's attended features, plus ``attention`` ``[T, C, h, w]`` float16 per video. Each item's
+    metadata records ``crop_setting`` and ``input_resize``. Its key holds the train stage's, so the
+    pretrained features stay cached. Version 2: the official test-time input."""
 
     name = "mist_extract"
+    version = 2
     upstream = ("train",)
     optional = True
 
@@ -373,13 +628,14 @@ class MistExtractStage(ExtractStage):
         self.extractor.attention.clear()
         feats, meta = extract_video(ctx, self.extractor, ctx.manifest.resolve(video))
         att = np.concatenate(self.extractor.attention).reshape(feats.shape[0], feats.shape[1], *self.extractor.attention[0].shape[-2:])
+        meta["input_resize"] = list(self.extractor.resize)
         out.save_item(video.id, {"features": feats, "attention": att.astype(np.float16)}, meta)
 
 
 class MistExplainStage(Stage):
     """Spatial explanation: for each video of ``train.explain``, ``overlays/<id>/clip_NNNN.png``: the
-    middle frame of every clip with E_SGA's attention map (of the centre crop, or of the whole
-    frame with ``extract.crops=none``) blended over the region it covers."""
+    middle frame of every clip with E_SGA's attention map (of the whole frame with the official
+    ShanghaiTech I3D test input, else of the centre crop) blended over the region it covers."""
 
     name = "mist_explain"
     reads = ("train.explain",)
@@ -412,14 +668,16 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
 
     cfg = ctx.cfg.extract
     cls = EXTRACTORS.get_class(cfg.backbone)
-    names = crop_names(cfg.crops, cfg.crop_order)
+    crops = meta.get("crop_setting", cfg.crops)  # what re-extraction fed E_SGA (its metadata)
+    resize = tuple(meta.get("input_resize", cls.resize))
+    names = crop_names(crops, cfg.crop_order)
     crop = names.index("c") if "c" in names else 0
     starts = [a for a, _ in meta["clip_ranges"]]
     mids = [min(a + (b - a) // 2, meta["n_frames"] - 1) for a, b in meta["clip_ranges"]]
     frames = decode_clips(path, mids, 1, ctx.cfg.data.folder_fps)[:, 0]  # [T, H, W, 3]
     h, w = frames.shape[1:3]
-    rh, rw = resized_size(h, w, cls.resize)
-    if cfg.crops == "none":
+    rh, rw = resized_size(h, w, resize)
+    if crops == "none":
         box = (0, 0, w, h)
     else:  # the centre crop's box in the resized frame, mapped back to source pixels
         s = cls.crop_size

@@ -98,8 +98,8 @@ def test_class_weighted_ce_by_hand_and_frequency_weights():
     assert class_weighted_ce(p, y, 2.0, 0.5).item() == pytest.approx(expected)
     soft = class_weighted_ce(torch.tensor([0.6]), torch.tensor([0.25]), 1.0, 1.0).item()
     assert soft == pytest.approx(-(0.25 * math.log(0.6) + 0.75 * math.log(0.4)))
-    assert class_weights(np.array([1, 0, 0, 0.0]), "frequency") == pytest.approx((2.0, 2 / 3))
-    assert class_weights(np.array([1, 0, 0, 0.0]), "none") == (1.0, 1.0)
+    assert class_weights("frequency", np.array([1, 0, 0, 0.0])) == pytest.approx((2.0, 2 / 3))
+    assert class_weights("none") == (1.0, 1.0) and class_weights("0.8,0.65") == (0.8, 0.65)
     assert math.isfinite(class_weighted_ce(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), 1, 1).item())
 
 
@@ -150,7 +150,9 @@ def test_esga_shapes_and_gradients(backbone, size, dim, grid):
     (out.logits.sum() + out.guided_logits.sum()).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.sga.guide.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
-    assert not model.backbone.training  # batch-norm statistics stay frozen in training
+    assert model.backbone.training  # batch statistics while training (official --use_bn_sta)
+    model.bn_batch_stats = False
+    assert not model.train().backbone.training  # ft_bn_stats=running: frozen statistics
 
 
 def test_attended_feature_is_the_final_map_reweighted_by_attention():
