@@ -170,7 +170,7 @@ class MistConfig(TrainConfig):
         "the extract stage's resize and extract.crops, scores averaged over the crops",
     )
     ft_test_size: str = opt("", "HxW of the official test-time resize; '' = recipe (sht_i3d 240x320, C3D 128x171)")
-    ft_checkpoint_every: int = opt(20, "stage II steps between resumable checkpoints", key=False)
+    ft_checkpoint_every: int = opt(20, "stage II batches between resumable checkpoints (besides every epoch end)", key=False)
     explain: str = opt(
         "", "comma-separated video ids whose attention maps are written as PNG overlays (mist_explain stage)"
     )
