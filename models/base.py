@@ -335,6 +335,14 @@ class Detector(nn.Module):
     def make_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
 
+    def clip_gradients(self) -> None:
+        """Called after ``backward``, before the optimiser step. Opt-in: where the config has a
+        ``grad_clip`` field > 0 (MIST stage I), the gradient norm of all parameters is clipped to it;
+        otherwise nothing."""
+        limit = float(getattr(self.cfg, "grad_clip", 0.0))
+        if limit > 0:
+            nn.utils.clip_grad_norm_(self.parameters(), limit)
+
     def setup(self, bank: "FeatureBank | ClipBank", gen: torch.Generator) -> None:
         """Called once before the first step of a fresh run (not on resume, where the checkpoint
         restores the state), e.g. NG-MIL's k-means prototype initialisation. Default: nothing."""
@@ -395,6 +403,7 @@ def fit(
         terms = model.losses(model.sample_batch(bank, gen))
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
+        model.clip_gradients()
         opt.step()
         if on_step is not None:
             on_step(step, {k: v.detach() for k, v in terms.items()})

@@ -1,20 +1,27 @@
 """MIST: Multiple Instance Self-Training (stage I generator G; stage II settings and losses).
 
 J.-C. Feng, F.-T. Hong, W.-S. Zheng, "MIST: Multiple Instance Self-Training Framework for Video
-Anomaly Detection", CVPR 2021 (``papers/mist-poster.txt``: Algorithm 1, Stage I / Stage II panels);
-protocol facts from the authors' code in ``../shared/PROTOCOLS.md`` (MIST lines).
+Anomaly Detection", CVPR 2021 (poster: Algorithm 1, Stage I / Stage II panels). Defaults follow the
+authors' code (github.com/fjchange/MIST_VAD) where it and the paper differ: stage I is
+``stage1training/train_MIL_Generator.py`` (``train``, ``topk_rank_loss``, ``Augment_Pseudo_Label_*``),
+``stage1training/MIL_Generator.py`` (``Simple_Regressor``) and ``stage1training/SHT_MIL_dataset.py``
+(``SH_Train_Origin_Dataset.sample_feat``).
 
 The whole method is a chain of runner stages (``stages/mist.py``); ``--method mist`` runs it:
 
 1. ``extract``: clip features of the pretrained encoder E (the ordinary extract stage).
 2. ``mist_generator``: stage I, the multiple instance pseudo-label generator G (this detector with
-   ``use_head`` off) trained by the generic train loop on the clip features: each step draws
-   anomalous and normal videos, cuts each into L sub-bags of T clips (:func:`sub_bag_indices`,
-   sparse continuous sampling; ``uniform`` as in the poster's Table 4), scores every clip with G
-   (FC D-512-32-1, the Sultani generator) and minimises L_MIL (:func:`mist_mil_loss`).
-3. ``mist_pseudo``: G scores every clip of the anomalous training videos; moving-average smoothing
-   and per-video min-max normalisation give clip pseudo-labels (:func:`refine_pseudo_labels`);
-   normal videos keep 0.
+   ``use_head`` off) trained by the generic train loop on the raw clip features: each step draws 40
+   anomalous and 40 normal videos, samples from each L = 32 runs of T = 7 consecutive clips with one
+   shared random offset (:func:`sub_bag_indices`, the poster's "sparse continuous sampling"), scores
+   every clip with G (:func:`build_generator`: FC D-512-32-1, ReLU after the first layer only) and
+   minimises L_MIL (:func:`mist_mil_loss`: the mean of the top 7 of the 224 sampled clip scores, a
+   hinge over every anomalous x normal pair, sparsity 0.01) with Adagrad and gradient clipping.
+3. ``mist_pseudo``: G scores every clip of every training video; a 5-clip box filter applied twice
+   (edges replicated, :func:`box_smooth`) and per-video min-max normalisation give the anomalous
+   videos' clip pseudo-labels (:func:`refine_pseudo_labels`), each spanning [0, 1]; stage II trains
+   normal videos' clips as 0. ``pseudo_labels.npy`` holds them in the layout of the authors'
+   released ``data/SHT_I3D_PLs.npy`` (:func:`official_pseudo_labels`).
 4. ``train``: stage II, E_SGA (``extractors/sga.py``) fine-tuned on raw clips with L = L1 + L2,
    class-weighted cross-entropy on the main and guided heads (:func:`class_weighted_ce`).
 5. ``mist_extract``: features re-extracted with the fine-tuned encoder (its own cache key), with
@@ -39,7 +46,7 @@ from torch import nn
 from pipeline.config import choice, opt
 
 from . import register_detector
-from .base import ClipBank, Detector, MILBatch, TrainConfig, _draw, mlp_head, xavier_init_
+from .base import ClipBank, Detector, MILBatch, TrainConfig, _draw, xavier_init_
 
 #: fields of :class:`MistConfig` that only stage II (and later) reads; stage I's cache key leaves them out
 STAGE2_PREFIX = "ft_"
@@ -50,40 +57,80 @@ class MistConfig(TrainConfig):
     """MIST settings. Stage I (generator) fields first, then stage II (``ft_*``) ones."""
 
     iterations: int = opt(
-        3000,
-        "stage I generator steps (not given by the poster nor PROTOCOLS.md; a few thousand, as Sultani's "
-        "generator, which MIST's G follows)",
+        3001,
+        "stage I generator steps (official stage1training/train_MIL_Generator.py: --epochs 3001; on "
+        "ShanghaiTech's 63 anomalous training videos each epoch is one batch of 40 + 40, the last partial "
+        "batch being dropped; UCF-Crime's 800 would make 20 steps an epoch)",
     )
-    lr: float = opt(0.01, "stage I Adagrad learning rate (PROTOCOLS.md, MIST stage I)")
-    weight_decay: float = opt(0.0, "stage I Adagrad weight decay (none given)")
-    batch_abnormal: int = opt(20, "anomalous videos per stage I batch (PROTOCOLS.md: batch 40 = 20 + 20)")
-    batch_normal: int = opt(20, "normal videos per stage I batch (PROTOCOLS.md: batch 40 = 20 + 20)")
-    hidden: tuple[int, ...] = opt((512, 32), "G's hidden FC sizes (Sultani's generator, Sec. 4.2; MIST's G follows it)")
-    dropout: float = opt(0.6, "dropout in G (Sultani Sec. 4.2)")
+    lr: float = opt(0.01, "stage I Adagrad learning rate (official train_MIL_Generator.py: --lr 0.01)")
+    weight_decay: float = opt(1e-3, "stage I Adagrad weight decay (official train_MIL_Generator.py, train: weight_decay=0.001)")
+    grad_clip: float = opt(
+        10.0,
+        "stage I gradient-norm clipping, 0 = off (official train_MIL_Generator.py, train: clip_grad_norm_ at 10; "
+        "its --clip 4.0 is never read)",
+    )
+    batch_abnormal: int = opt(40, "anomalous videos per stage I batch (official train_MIL_Generator.py: --batch_size 40 of each class)")
+    batch_normal: int = opt(40, "normal videos per stage I batch (official train_MIL_Generator.py: --batch_size 40 of each class)")
+    hidden: tuple[int, ...] = opt((512, 32), "G's hidden FC sizes (official stage1training/MIL_Generator.py, Simple_Regressor)")
+    generator_relu: str = choice(
+        "first",
+        ("first", "all"),
+        "ReLU after G's first hidden layer only, the second being linear (official MIL_Generator.py, "
+        "Simple_Regressor), or after every hidden layer (Sultani et al.'s generator, Sec. 4.2)",
+    )
+    init: str = choice(
+        "kaiming",
+        ("kaiming", "xavier"),
+        "G's weight init: Kaiming-normal (fan-in, gain sqrt 2) with zero biases (official utils/utils.py, "
+        "weights_normal_init), or Xavier-uniform with zero biases",
+    )
+    dropout: float = opt(0.6, "dropout after each of G's hidden layers (official MIL_Generator.py / train_MIL_Generator.py: --dropout_rate 0.6)")
     feature_norm: str = choice(
-        "l2",
-        ("l2", "none"),
-        "G's input: each clip feature L2-normalised (as the Sultani features G was designed for; raw I3D "
-        "features, of norm 20-60, saturate G's sigmoid within a few Adagrad steps at lr 0.01, and a "
-        "saturated G gives no pseudo-labels), or raw. Not stated by MIST; a choice",
+        "none",
+        ("none", "l2"),
+        "G's input: the raw clip features (official train_MIL_Generator.py: --norm 0), or each L2-normalised "
+        "(its --norm 2)",
     )
-    sub_bags: int = opt(32, "L, sub-bags per video (PROTOCOLS.md: 32 x 7 sub-bags)")
-    sub_bag_len: int = opt(7, "T, clips per sub-bag (PROTOCOLS.md: 32 x 7 sub-bags)")
+    sub_bags: int = opt(32, "L, sub-bags (runs of clips) sampled per video (official train_MIL_Generator.py: --part_num 32)")
+    sub_bag_len: int = opt(7, "T, consecutive clips per sub-bag (official train_MIL_Generator.py: --part_len 7)")
     topk: int = opt(
         7,
-        "sub-bag scores averaged in place of max_l S_l in L_MIL (PROTOCOLS.md 'top-7', the authors' code); "
-        "1 = the poster's max",
+        "G's scores averaged into a video's score in L_MIL: the mean of the top k units (official "
+        "train_MIL_Generator.py: --topk 7, topk_rank_loss); 1 = the poster's max (Eq. 7)",
+    )
+    rank_units: str = choice(
+        "clips",
+        ("clips", "sub_bags"),
+        "units the top k is taken over: all L x T sampled clip scores (official topk_rank_loss), or the L "
+        "sub-bag scores S_l, each the mean of its T clips (poster Eq. 7)",
+    )
+    pairs: str = choice(
+        "all",
+        ("all", "aligned"),
+        "hinge pairs of L_MIL: every anomalous x normal video pair of the batch, averaged (official "
+        "topk_rank_loss), or row i of each side paired (the shorter side repeating)",
     )
     sampling: str = choice(
-        "sparse_continuous",
-        ("sparse_continuous", "uniform"),
-        "sub-bag sampling: T continuous clips at a random place of each of L equal spans (poster, 'sparse "
-        "continuous sampling'), or T clips evenly spread over each span (Table 4's 'uniform')",
+        "shared_offset",
+        ("shared_offset", "independent_offset", "spread"),
+        "sub-bag sampling (sub_bag_indices): L runs of T consecutive clips at evenly spaced starts moved by one "
+        "random offset shared by the video's runs (official SHT_MIL_dataset.py, sample_feat, --sample uniform, "
+        "the default), each run moved by its own offset (its --sample random), or T clips spread evenly over each "
+        "of L equal spans (the non-continuous baseline of the poster's Table 4, as read here)",
     )
-    margin: float = opt(1.0, "epsilon of L_MIL (poster Eq. 7; value from Sultani Eq. 3, MIST gives none)")
-    lambda_sparse: float = opt(8e-5, "lambda of L_MIL's sparsity term (poster Eq. 7; value from Sultani Sec. 4.2)")
-    smooth_window: int = opt(5, "moving-average (box) window of the pseudo-labels (PROTOCOLS.md)")
-    smooth_passes: int = opt(2, "times the box filter is applied (PROTOCOLS.md: twice)")
+    margin: float = opt(1.0, "epsilon of L_MIL (poster Eq. 7; official topk_rank_loss: relu(1 - abnormal + normal))")
+    lambda_sparse: float = opt(
+        0.01,
+        "weight of L_MIL's sparsity term, the mean of the anomalous videos' sampled clip scores (official "
+        "train_MIL_Generator.py: --lambda_1 0.01; poster Eq. 7 gives the form)",
+    )
+    lambda_smooth: float = opt(
+        0.0,
+        "weight of the mean squared difference of consecutive sampled anomalous clip scores (official "
+        "train_MIL_Generator.py: --lambda_2 0, i.e. off)",
+    )
+    smooth_window: int = opt(5, "box-filter width of the pseudo-label smoothing (official train_MIL_Generator.py: --smooth_len 5)")
+    smooth_passes: int = opt(2, "times the box filter is applied (official Augment_Pseudo_Label_Refilement: smooth twice)")
     # ---- stage II (fjchange/MIST_VAD stage2training/{SHT_I3D,SHT_C3D,UCF_C3D}_train.sh and .py,
     # configs/{SHT_I3D,SHT_C3D,UCF_C3D}_options.py, datasets/dataset.py). Sentinels ('' / 0 / -1)
     # take the value of ft_recipe; stages.mist.stage2_settings resolves them.
@@ -179,10 +226,13 @@ class MistConfig(TrainConfig):
         super().validate()
         if self.sub_bags < 1 or self.sub_bag_len < 1:
             raise ValueError("sub_bags and sub_bag_len must be >= 1")
-        if not 1 <= self.topk <= self.sub_bags:
-            raise ValueError("topk must be in [1, sub_bags]")
-        if self.smooth_window < 1 or self.smooth_passes < 0:
-            raise ValueError("smooth_window must be >= 1 and smooth_passes >= 0")
+        units = self.sub_bags * (self.sub_bag_len if self.rank_units == "clips" else 1)
+        if not 1 <= self.topk <= units:
+            raise ValueError(f"topk must be in [1, {units}] (the {self.rank_units} ranked per video)")
+        if self.grad_clip < 0 or self.lambda_sparse < 0 or self.lambda_smooth < 0:
+            raise ValueError("grad_clip, lambda_sparse and lambda_smooth must be >= 0")
+        if self.smooth_window < 1 or self.smooth_window % 2 == 0 or self.smooth_passes < 0:
+            raise ValueError("smooth_window must be odd and >= 1 (a centred box), smooth_passes >= 0")
         if self.ft_epochs < 1 or self.ft_clips_per_video < 1 or self.ft_batch_videos < 0 or self.ft_accumulate < 0:
             raise ValueError("ft_epochs and ft_clips_per_video must be >= 1, ft_batch_videos and ft_accumulate >= 0")
         if self.ft_lr <= 0 or self.ft_expand_k < 1 or self.ft_freeze_epochs < -1 or self.ft_freeze_bn_epochs < -1:
@@ -202,72 +252,157 @@ class MistConfig(TrainConfig):
 
 
 def sub_bag_indices(n_clips: int, sub_bags: int, length: int, mode: str, gen: torch.Generator | None) -> torch.Tensor:
-    """Clip indices of one video's ``L`` sub-bags of ``T`` clips.
+    """Clip indices of one video's ``L`` sub-bags of ``T`` consecutive clips (the poster's "sparse
+    continuous sampling"; official stage1training/SHT_MIL_dataset.py, ``sample_feat``).
 
-    The video's ``n_clips`` clips are split into ``L`` equal spans (``[l n / L, (l + 1) n / L)``).
-    ``sparse_continuous``: sub-bag l is T consecutive clips starting at a random place of span l such
-    that they stay inside it (a span shorter than T starts at its beginning and runs past it, clipped
-    to the video's last clip). ``uniform``: T clips evenly spaced over span l. With ``gen`` None the
-    random start is the span's middle placement (deterministic, for scoring).
+    ``shared_offset`` (official ``--sample uniform``, the default): with ``R = n_clips - T`` the last
+    start that keeps a run inside the video, the ``L + 1`` starts ``floor(k R / L)``, ``k = 0..L``, are
+    laid out, the last is dropped, and every run is moved by ONE offset ``m`` drawn uniformly from
+    ``[0, R // (L + 1))`` (``m = 0`` when that range is empty). Runs overlap, so clips repeat, in a video
+    shorter than ``L x T`` clips. ``independent_offset`` (official ``--sample random``): each run moved
+    by its own offset from ``[0, floor(R / L))``. ``spread``: ``T`` clips spread evenly over each of ``L``
+    equal spans (not continuous). A video shorter than ``T`` clips (where the official code fails)
+    repeats its last clip. With ``gen`` None every offset is 0 (deterministic).
 
     Returns:
-        ``[L, T]`` int64 in ``[0, n_clips)``.
+        ``[L, T]`` int64 in ``[0, n_clips)``; row l is sub-bag l, in temporal order.
     """
     if n_clips < 1:
         raise ValueError("a video needs at least one clip")
-    edges = torch.linspace(0, n_clips, sub_bags + 1, dtype=torch.float64)
-    lo, hi = edges[:-1], edges[1:]
-    steps = torch.arange(length, dtype=torch.float64)
-    if mode == "uniform":
+    steps = torch.arange(length)
+    if mode == "spread":
+        edges = torch.linspace(0, n_clips, sub_bags + 1, dtype=torch.float64)
+        lo, hi = edges[:-1], edges[1:]
         idx = lo[:, None] + (hi - lo)[:, None] * (steps[None, :] + 0.5) / length
         return idx.floor().long().clamp_(0, n_clips - 1)
-    if mode != "sparse_continuous":
+    if mode not in ("shared_offset", "independent_offset"):
         raise ValueError(f"unknown sub-bag sampling {mode!r}")
-    start = lo.floor()
-    room = (hi.floor() - start - length).clamp(min=0)  # free places inside the span
-    u = torch.rand(sub_bags, generator=gen, dtype=torch.float64) if gen is not None else torch.full((sub_bags,), 0.5, dtype=torch.float64)
-    start = start + (u * (room + 1)).floor().clamp(max=room)
-    return (start[:, None] + steps[None, :]).long().clamp_(0, n_clips - 1)
+    room = max(n_clips - length, 0)
+    # k * (R / L) in float64, floored: the arithmetic of numpy's integer linspace the official code uses
+    starts = (torch.arange(sub_bags + 1, dtype=torch.float64) * (room / sub_bags)).floor().long()[:sub_bags]
+    if mode == "shared_offset":
+        span = room // (sub_bags + 1)
+        move = torch.randint(span, (1,), generator=gen) if gen is not None and span >= 1 else torch.zeros(1, dtype=torch.long)
+    else:
+        span = int(starts[1] - starts[0]) if sub_bags > 1 else room
+        move = torch.randint(span, (sub_bags,), generator=gen) if gen is not None and span >= 1 else torch.zeros(sub_bags, dtype=torch.long)
+    return ((starts + move)[:, None] + steps[None, :]).clamp_(0, n_clips - 1)
 
 
-def mist_mil_loss(abnormal: torch.Tensor, normal: torch.Tensor, margin: float, lam: float, topk: int = 1) -> dict[str, torch.Tensor]:
-    """L_MIL (poster Eq. 7): ``[eps - max_l S^a_l + max_l S^n_l]_+ + (lambda / L) sum_l S^a_l``.
+def mist_mil_loss(
+    abnormal: torch.Tensor,
+    normal: torch.Tensor,
+    margin: float,
+    lam: float,
+    topk: int = 1,
+    pairs: str = "all",
+    lam_smooth: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """L_MIL (poster Eq. 7) in the form of the official ``topk_rank_loss`` (stage1training/train_MIL_Generator.py).
 
-    ``max`` becomes the mean of the ``topk`` largest sub-bag scores (the authors' top-k; ``topk=1``
-    is the equation). Args: ``abnormal``, ``normal``: ``[B, L]`` sub-bag scores in [0, 1]; row i of
-    each forms a pair. Returns ``ranking``, ``sparsity`` and ``total``, each a scalar averaged over
-    the B pairs.
+    Args:
+        abnormal, normal: ``[Ba, K]`` / ``[Bn, K]`` scores in [0, 1] of each video's ranked units in
+            temporal order (officially all ``K = L x T`` sampled clips; the poster's ``K = L`` sub-bags).
+        topk: a video's score ``v`` is the mean of its ``topk`` largest units (1: the poster's max).
+        pairs: ``all``: ``ranking`` is the mean of ``[margin - v_a + v_n]_+`` over every anomalous x
+            normal pair of the batch (official: the sum over the pairs divided by ``B^2``);
+            ``aligned``: over the pairs (row i, row i), the shorter side repeating.
+        lam: ``sparsity = lam * mean(abnormal)`` (official: ``--lambda_1`` times the mean of every
+            sampled anomalous clip score; the poster's ``(lambda / L) sum_l S^a_l`` per video).
+        lam_smooth: ``smoothness = lam_smooth * mean((a[:, i+1] - a[:, i])^2)`` over the anomalous rows
+            (official ``--lambda_2``, 0 by default).
+
+    Returns:
+        ``ranking``, ``sparsity``, ``smoothness`` and their sum ``total``: scalars.
     """
-    top_a = abnormal.topk(topk, dim=1).values.mean(1)
-    top_n = normal.topk(topk, dim=1).values.mean(1)
-    ranking = F.relu(margin - top_a + top_n).mean()
-    sparsity = lam * abnormal.mean(1).mean()
-    return {"ranking": ranking, "sparsity": sparsity, "total": ranking + sparsity}
+    top_a = abnormal.topk(topk, dim=1).values.mean(1)  # [Ba]
+    top_n = normal.topk(topk, dim=1).values.mean(1)  # [Bn]
+    if pairs == "all":
+        ranking = F.relu(margin - top_a[None, :] + top_n[:, None]).mean()
+    elif pairs == "aligned":
+        b = max(len(top_a), len(top_n))
+        ranking = F.relu(margin - top_a.repeat(-(-b // len(top_a)))[:b] + top_n.repeat(-(-b // len(top_n)))[:b]).mean()
+    else:
+        raise ValueError(f"unknown pairs {pairs!r}")
+    sparsity = lam * abnormal.mean()
+    diffs = abnormal[:, 1:] - abnormal[:, :-1]
+    smoothness = lam_smooth * diffs.pow(2).mean() if diffs.numel() else abnormal.new_zeros(())
+    return {"ranking": ranking, "sparsity": sparsity, "smoothness": smoothness, "total": ranking + sparsity + smoothness}
 
 
 def box_smooth(x: np.ndarray, window: int, passes: int) -> np.ndarray:
-    """Moving average of ``x`` ``[n]`` over ``window`` clips, ``passes`` times; the ends average the
-    clips inside the window only (no zero padding), so a constant stays constant. float64 ``[n]``."""
-    y = np.asarray(x, np.float64)
-    half_lo, half_hi = (window - 1) // 2, window // 2
+    """Centred moving average of ``x`` ``[n]`` over ``window`` (odd) clips, ``passes`` times, each pass
+    padding both ends with ``window // 2`` copies of the edge value (official train_MIL_Generator.py,
+    ``smooth``: edge replication, then a 'valid' box convolution), so the length is kept and a
+    constant stays constant. Returns float64 ``[n]``."""
+    y = np.asarray(x, np.float64).reshape(-1)
+    if window % 2 != 1:
+        raise ValueError("the box window must be odd (a centred filter)")
+    if not len(y):
+        return y
+    box = np.full(window, 1.0 / window)
     for _ in range(passes):
-        c = np.concatenate([[0.0], np.cumsum(y)])
-        i = np.arange(len(y))
-        a, b = np.maximum(i - half_lo, 0), np.minimum(i + half_hi + 1, len(y))
-        y = (c[b] - c[a]) / (b - a)
+        y = np.convolve(np.pad(y, window // 2, mode="edge"), box, mode="valid")
     return y
 
 
-def refine_pseudo_labels(scores: np.ndarray, window: int, passes: int) -> np.ndarray:
-    """Pseudo-labels of an anomalous video's clips (poster, 'pseudo labels refinement'; PROTOCOLS.md):
-    box-filter smoothing, then ``(s - min) / (max - min)``. ``scores`` ``[n]`` in [0, 1] -> ``[n]``
-    float32 in [0, 1]. Where min-max is undefined (max = min: a one-clip video, or G scoring every
-    clip alike) every clip gets 1 if that score is above 0.5, else 0."""
+def refine_pseudo_labels(scores: np.ndarray, window: int, passes: int, abnormal: bool = True) -> np.ndarray:
+    """Pseudo-labels from G's clip scores ``[n]`` (poster, "pseudo labels refinement"; official
+    ``Augment_Pseudo_Label_Refilement``): :func:`box_smooth`, then for an anomalous video
+    ``(s - min s) / max(s - min s)``, so it spans exactly [0, 1]. A normal video (``abnormal`` False)
+    keeps its smoothed scores, as in the official file (stage II trains its clips as 0 regardless).
+    Where min-max is undefined G's smoothed scores are kept: a one-clip video (as officially) or a
+    constant row (which the official code divides by zero). Returns float64 ``[n]`` in [0, 1]."""
     s = box_smooth(scores, window, passes)
-    lo, hi = float(s.min()), float(s.max())
-    if hi - lo < 1e-12:
-        return np.full(len(s), 1.0 if hi > 0.5 else 0.0, np.float32)
-    return ((s - lo) / (hi - lo)).astype(np.float32)
+    if not abnormal or len(s) < 2:
+        return s
+    shifted = s - s.min()
+    top = shifted.max()
+    return shifted / top if top > 0 else s
+
+
+def official_pseudo_labels(
+    scores: dict[str, np.ndarray], labels: dict[str, int], window: int, passes: int
+) -> dict[str, np.ndarray]:
+    """The layout of the authors' released pseudo-labels (``data/SHT_I3D_PLs.npy`` of fjchange/MIST_VAD,
+    written by ``Augment_Pseudo_Label_Refilement``): a dict keyed ``"<video id>.npy"`` holding, for every
+    training video, one float64 per clip (16 frames) from :func:`refine_pseudo_labels`; anomalous videos
+    span [0, 1], normal ones hold their smoothed scores. ``scores``: G's ``[T]`` clip scores per id;
+    ``labels``: 1 anomalous / 0 normal per id. Save with ``np.save`` (load with ``allow_pickle=True``)."""
+    return {f"{vid}.npy": refine_pseudo_labels(s, window, passes, labels[vid] == 1) for vid, s in scores.items()}
+
+
+def build_generator(
+    in_dim: int, hidden: tuple[int, ...], dropout: float, relu: str = "first", init: str = "kaiming"
+) -> nn.Sequential:
+    """G: ``[..., in_dim]`` -> ``[..., 1]`` in (0, 1), an MLP ending in a sigmoid.
+
+    Every hidden ``Linear`` is followed by ``ReLU`` (``relu="first"``: after the first one only, as the
+    official ``Simple_Regressor`` of stage1training/MIL_Generator.py; ``"all"``: after each) and
+    ``Dropout``; then ``Linear(hidden[-1], 1)`` and ``Sigmoid``. With the defaults the layout is the
+    official ``regressor``: Linear(D,512), ReLU, Dropout, Linear(512,32), Dropout, Linear(32,1), Sigmoid
+    (parameters at indices 0, 3, 5). ``init="kaiming"``: Kaiming-normal weights (fan-in, gain sqrt 2)
+    and zero biases (official utils/utils.py, ``weights_normal_init``); ``"xavier"``: Xavier-uniform.
+    """
+    if relu not in ("first", "all") or init not in ("kaiming", "xavier"):
+        raise ValueError(f"unknown generator_relu {relu!r} or init {init!r}")
+    sizes = [in_dim, *hidden]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if relu == "all" or i == 0:
+            layers.append(nn.ReLU())
+        layers.append(nn.Dropout(dropout))
+    layers += [nn.Linear(sizes[-1], 1), nn.Sigmoid()]
+    net = nn.Sequential(*layers)
+    if init == "xavier":
+        xavier_init_(net)
+    else:
+        for m in net:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+    return net
 
 
 def parse_size(text: str, name: str = "size") -> tuple[int, int]:
@@ -338,23 +473,24 @@ class MIST(Detector):
 
     Config = MistConfig
     input_level = "clips"
-    version = 1
+    version = 2  # 2: the official stage I (generator layout and init, loss, optimiser, sampling, pseudo-labels)
     #: the train stage of MIST is stage II; it reads the raw clips' ranges and the pseudo-labels
     train_inputs: ClassVar[tuple[str, ...] | None] = ("extract", "mist_pseudo")
     feature_stage: ClassVar[str] = "mist_extract"
     eval_inputs: ClassVar[tuple[str, ...] | None] = ("mist_extract", "mist_explain", "train")
     short_schedule: ClassVar[dict[str, object]] = {
-        # a few dozen short videos: fewer, shorter sub-bags than UCF-Crime's 32 x 7 and a larger batch share;
-        # low-dimensional synthetic features of small norm need no L2 normalisation (which would make
-        # pure-noise clips as long as the planted ones)
-        "sub_bags": 4, "sub_bag_len": 2, "topk": 1, "batch_abnormal": 8, "batch_normal": 8, "feature_norm": "none",
+        # a few dozen videos of 24-160 clips: 8 x 3 sub-bags and the top 2 of their 24 clips instead of
+        # 32 x 7 and the top 7 of 224, and 8 + 8 videos a batch. lr 0.1: on the tests' 24-32-D features
+        # the Kaiming init is 5x wider than at 1024-D (std sqrt(2 / D)) and, at lr 0.01, 300 Adagrad steps
+        # leave G memorising noise clips instead of learning the planted direction (measured on
+        # tests/test_detectors.py and tests/test_synthetic_benchmark.py, seeds 0-3)
+        "sub_bags": 8, "sub_bag_len": 3, "topk": 2, "batch_abnormal": 8, "batch_normal": 8, "lr": 0.1,
     }
 
     def __init__(self, feature_dim: int, cfg: MistConfig | None = None) -> None:
         cfg = cfg or MistConfig()
         super().__init__(feature_dim, cfg)
-        self.generator = mlp_head(feature_dim, tuple(cfg.hidden), cfg.dropout)
-        xavier_init_(self.generator)
+        self.generator = build_generator(feature_dim, tuple(cfg.hidden), cfg.dropout, cfg.generator_relu, cfg.init)
         self.register_buffer("head_weight", torch.zeros(2, feature_dim))
         self.register_buffer("head_bias", torch.zeros(2))
         self.register_buffer("use_head", torch.zeros((), dtype=torch.bool))
@@ -368,7 +504,14 @@ class MIST(Detector):
         """G's clip scores: ``[..., D]`` -> ``[...]`` in (0, 1) (input normalised per ``feature_norm``)."""
         if self.cfg.feature_norm == "l2":
             x = F.normalize(x, dim=-1)
-        return torch.sigmoid(self.generator(x)).squeeze(-1)
+        return self.generator(x).squeeze(-1)
+
+    def load_official_generator(self, state: dict[str, torch.Tensor]) -> None:
+        """Load G's weights from a state dict of the authors' ``Simple_Regressor`` (official
+        stage1training/MIL_Generator.py: keys ``regressor.{0,3,5}.{weight,bias}``), strictly; needs
+        the default ``hidden`` and ``generator_relu``, which lay G out as the official ``regressor``."""
+        prefix = "regressor."
+        self.generator.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()})
 
     def set_head(self, head: nn.Linear) -> None:
         """Score with E_SGA's main head ``head`` (``Linear(D, 2)``) from now on."""
@@ -380,9 +523,11 @@ class MIST(Detector):
         return torch.optim.Adagrad(self.generator.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def sample_batch(self, bank: Any, gen: torch.Generator) -> MILBatch:
-        """``batch_abnormal`` + ``batch_normal`` videos, one random crop each, cut into sub-bags:
-        ``abnormal`` ``[Ba, L * T, D]`` and ``normal`` ``[Bn, L * T, D]`` float32, sub-bag l being
-        clips ``l * T : (l + 1) * T`` of a row."""
+        """``batch_abnormal`` + ``batch_normal`` videos, each class drawn without replacement (official
+        train_MIL_Generator.py: each epoch takes the first 40 of a fresh permutation of each class), one
+        random crop each (the official features have one view per clip), cut into sub-bags by
+        :func:`sub_bag_indices`: ``abnormal`` ``[Ba, L * T, D]`` and ``normal`` ``[Bn, L * T, D]``
+        float32, sub-bag l being clips ``l * T : (l + 1) * T`` of a row."""
         if not isinstance(bank, ClipBank):
             raise TypeError("MIST's generator trains on clips (a ClipBank)")
 
@@ -400,14 +545,14 @@ class MIST(Detector):
         return MILBatch(abnormal=bags(a), normal=bags(n))
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
-        """Sub-bag score S_l = mean of G's scores of its T clips; then :func:`mist_mil_loss`, pairing
-        anomalous and normal videos row by row (the shorter side repeats)."""
-        shape = (-1, self.cfg.sub_bags, self.cfg.sub_bag_len)
-        sa = self.generate(batch.abnormal).view(shape).mean(-1)  # [Ba, L]
-        sn = self.generate(batch.normal).view(shape).mean(-1)
-        b = max(len(sa), len(sn))
-        sa, sn = sa.repeat((b + len(sa) - 1) // len(sa), 1)[:b], sn.repeat((b + len(sn) - 1) // len(sn), 1)[:b]
-        return mist_mil_loss(sa, sn, self.cfg.margin, self.cfg.lambda_sparse, self.cfg.topk)
+        """:func:`mist_mil_loss` on G's scores of the sampled clips ``[B, L * T]`` (``rank_units=clips``,
+        official), or on the sub-bag scores ``S_l``, each the mean of its ``T`` clips (``sub_bags``, poster)."""
+        cfg = self.cfg
+        sa, sn = self.generate(batch.abnormal), self.generate(batch.normal)  # [Ba, L * T], [Bn, L * T]
+        if cfg.rank_units == "sub_bags":
+            sa = sa.view(-1, cfg.sub_bags, cfg.sub_bag_len).mean(-1)  # [Ba, L]
+            sn = sn.view(-1, cfg.sub_bags, cfg.sub_bag_len).mean(-1)
+        return mist_mil_loss(sa, sn, cfg.margin, cfg.lambda_sparse, cfg.topk, cfg.pairs, cfg.lambda_smooth)
 
     @classmethod
     def run_train(cls, ctx: Any, out: Any, inputs: dict[str, Any]) -> dict[str, Any]:

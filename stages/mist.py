@@ -71,8 +71,12 @@ class MistGeneratorStage(Stage):
 
 
 class MistPseudoStage(Stage):
-    """Clip pseudo-labels of the training videos: ``items/<id>.{scores,labels}.npy`` (G's raw clip
-    scores and the refined labels, ``[T]`` float32) and ``plots/<id>.png`` per anomalous video."""
+    """Clip pseudo-labels of the training videos: ``items/<id>.{scores,labels}.npy`` (G's clip scores
+    in eval mode, averaged over crops, and the labels stage II trains on, ``[T]`` float32: the refined
+    ones for anomalous videos, 0 for normal ones), ``plots/<id>.png`` per anomalous video, and
+    ``pseudo_labels.npy``: every training video's pseudo-labels in the layout of the authors' released
+    ``data/SHT_I3D_PLs.npy`` (``models.mist.official_pseudo_labels``; official
+    stage1training/train_MIL_Generator.py, ``Augment_Pseudo_Label_Generate`` / ``_Refilement``)."""
 
     name = "mist_pseudo"
     reads = ("train",)
@@ -85,24 +89,35 @@ class MistPseudoStage(Stage):
         return _mist_config_inputs(self, cfg, stage2=False)
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
-        from models.mist import refine_pseudo_labels
+        from models.mist import official_pseudo_labels, refine_pseudo_labels
 
         cfg = ctx.cfg.train
         model = load_detector(inputs["mist_generator"], "cpu")
         done = set(inputs["extract"].complete_items())
         videos = [v for v in ctx.manifest.split("train") if v.id in done]
+        all_scores: dict[str, np.ndarray] = {}
         for v in videos:
             if out.item_complete(v.id):
+                all_scores[v.id] = out.load_item(v.id)[1]["scores"]
                 continue
             feats = inputs["extract"].load_item(v.id)[1]["features"]  # [T, C, D]
             scores = model.score(torch.from_numpy(feats).float().permute(1, 0, 2)).numpy().astype(np.float32)
             if v.label == 1:
-                labels = refine_pseudo_labels(scores, cfg.smooth_window, cfg.smooth_passes)
+                labels = refine_pseudo_labels(scores, cfg.smooth_window, cfg.smooth_passes).astype(np.float32)
                 _plot_pseudo_labels(out.path / "plots" / f"{v.id}.png", v.id, scores, labels)
-            else:
-                labels = np.zeros_like(scores)  # normal videos: every clip is normal (Algorithm 1)
+            else:  # stage II trains normal clips as 0 (official datasets/dataset.py, Train_TemAug_Dataset_*: [1, 0])
+                labels = np.zeros_like(scores)
             out.save_item(v.id, {"scores": scores, "labels": labels}, {"label": v.label, "clips": len(scores)})
+            all_scores[v.id] = scores
+        released = official_pseudo_labels(all_scores, {v.id: v.label for v in videos}, cfg.smooth_window, cfg.smooth_passes)
+        buf = io.BytesIO()
+        np.save(buf, np.array(released, dtype=object), allow_pickle=True)
+        atomic_write_bytes(out.path / "pseudo_labels.npy", buf.getvalue())
         abnormal = [v for v in videos if v.label == 1]
+        flat = [v.id for v in abnormal if np.ptp(all_scores[v.id]) == 0]
+        if flat:  # min-max undefined: G scores every clip alike, typically a sigmoid saturated by large raw features
+            log.warning("mist_pseudo: G gives %d of %d anomalous videos one score for every clip (e.g. %s); if G "
+                        "saturated, try train.feature_norm=l2 or a lower train.lr", len(flat), len(abnormal), flat[0])
         log.info("mist_pseudo: pseudo-labels for %d anomalous and %d normal training videos",
                  len(abnormal), len(videos) - len(abnormal))
         return {"videos": len(videos), "abnormal": len(abnormal)}

@@ -286,6 +286,7 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
         terms = model.losses(batch)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        model.clip_gradients()
         optimizer.step()
         row = {"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}}
         if not np.isfinite(row["total"]):

@@ -29,36 +29,38 @@ from models.mist import (
 
 
 @pytest.mark.parametrize("n", [224, 300, 57])
-def test_sparse_continuous_sub_bags_are_continuous_inside_their_spans(n):
-    L, T = 32 if n >= 224 else 8, 7
+@pytest.mark.parametrize("mode", ["shared_offset", "independent_offset"])
+def test_offset_sub_bags_are_runs_of_consecutive_clips_at_evenly_spaced_starts(n, mode):
+    L, T = 32, 7
+    base = np.floor(np.arange(L + 1) * ((n - T) / L)).astype(int)[:L]  # official: integer linspace(0, n - T, L + 1)
+    span = (n - T) // (L + 1) if mode == "shared_offset" else int(base[1] - base[0])
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
-        idx = sub_bag_indices(n, L, T, "sparse_continuous", gen)
+        idx = sub_bag_indices(n, L, T, mode, gen)
         assert idx.shape == (L, T) and idx.dtype == torch.int64
         assert (idx >= 0).all() and (idx < n).all()
         assert (idx[:, 1:] - idx[:, :-1] == 1).all()  # T consecutive clips
-        edges = np.linspace(0, n, L + 1)
-        for l in range(L):  # inside span l (every span here holds at least T clips)
-            assert idx[l, 0] >= math.floor(edges[l]) and idx[l, -1] < math.floor(edges[l + 1])
-        assert len(set(idx.flatten().tolist())) == L * T  # disjoint sub-bags
+        move = idx[:, 0].numpy() - base
+        assert (move >= 0).all() and (move < max(span, 1)).all()
+        if mode == "shared_offset":
+            assert len(set(move.tolist())) == 1  # one offset for every run
 
 
-def test_sparse_continuous_start_is_random_and_covers_each_span():
+def test_offsets_are_random_and_shared_or_not():
     gen = torch.Generator().manual_seed(1)
-    starts = torch.stack([sub_bag_indices(320, 32, 7, "sparse_continuous", gen)[:, 0] for _ in range(200)])
-    # span l is clips [10 l, 10 l + 10): the 4 possible starts 10 l .. 10 l + 3 all occur
-    assert set((starts - torch.arange(0, 320, 10)).flatten().tolist()) == {0, 1, 2, 3}
-    covered = set()
-    for _ in range(50):
-        covered |= set(sub_bag_indices(320, 32, 7, "sparse_continuous", gen).flatten().tolist())
-    assert covered == set(range(320))  # over draws, every clip is sampled
+    base = torch.from_numpy(np.floor(np.arange(32) * (313 / 32)).astype(np.int64))
+    shared = torch.stack([sub_bag_indices(320, 32, 7, "shared_offset", gen)[:, 0] - base for _ in range(200)])
+    assert (shared == shared[:, :1]).all() and set(shared[:, 0].tolist()) == set(range(313 // 33))
+    own = torch.stack([sub_bag_indices(320, 32, 7, "independent_offset", gen)[:, 0] - base for _ in range(200)])
+    assert set(own.flatten().tolist()) == set(range(9)) and (own != own[:, :1]).any(dim=1).all()
+    assert (sub_bag_indices(320, 32, 7, "shared_offset", None)[:, 0] == base).all()  # no generator: offset 0
 
 
-def test_uniform_sub_bags_spread_over_each_span_and_short_videos_stay_in_range():
-    idx = sub_bag_indices(320, 32, 5, "uniform", None)
+def test_spread_sub_bags_and_short_videos_stay_in_range():
+    idx = sub_bag_indices(320, 32, 5, "spread", None)
     assert idx.shape == (32, 5)
     assert (idx == torch.arange(0, 320, 10)[:, None] + torch.tensor([1, 3, 5, 7, 9])).all()
-    for mode in ("uniform", "sparse_continuous"):  # 5 clips into 32 x 7 sub-bags: repeats, in range
+    for mode in ("spread", "shared_offset", "independent_offset"):  # 5 clips into 32 x 7 sub-bags: repeats, in range
         short = sub_bag_indices(5, 32, 7, mode, torch.Generator().manual_seed(0))
         assert short.shape == (32, 7) and short.min() >= 0 and short.max() == 4
     with pytest.raises(ValueError, match="sampling"):
@@ -74,7 +76,8 @@ def test_generator_batch_holds_the_sampled_sub_bags():
     batch = MIST(3, cfg).sample_batch(bank, torch.Generator().manual_seed(0))
     assert batch.abnormal.shape == (1, 12, 3) and batch.normal.shape == (1, 12, 3)
     a = batch.abnormal[0, :, 0].view(4, 3)  # the feature is the clip index
-    assert (a[:, 1:] - a[:, :-1] == 1).all() and (a[:, 0] // 10 == torch.arange(4)).all()
+    move = a[:, 0] - torch.tensor([0.0, 9, 18, 27])  # starts floor(k * 37 / 4), one shared offset in [0, 7)
+    assert (a[:, 1:] - a[:, :-1] == 1).all() and (move == move[0]).all() and 0 <= move[0] < 7
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -113,10 +116,11 @@ def test_box_smoothing_and_min_max_normalisation():
     assert box_smooth(np.full(7, 0.3), 5, 2) == pytest.approx(np.full(7, 0.3))  # ends not pulled to 0
     scores = np.array([0.1, 0.1, 0.2, 0.9, 0.95, 0.9, 0.2, 0.1, 0.1, 0.1])
     labels = refine_pseudo_labels(scores, 5, 2)
-    assert labels.dtype == np.float32 and labels.min() == 0.0 and labels.max() == 1.0
+    assert labels.dtype == np.float64 and labels.min() == 0.0 and labels.max() == 1.0
     assert int(labels.argmax()) == 4 and labels[4] > labels[2] > labels[0]
-    assert (refine_pseudo_labels(np.full(4, 0.8), 5, 2) == 1).all()
-    assert (refine_pseudo_labels(np.full(4, 0.2), 5, 2) == 0).all()
+    # min-max undefined (a constant row, a single clip): G's smoothed scores are kept
+    assert refine_pseudo_labels(np.full(4, 0.8), 5, 2) == pytest.approx(np.full(4, 0.8))
+    assert refine_pseudo_labels(np.array([0.2]), 5, 2) == pytest.approx([0.2])
 
 
 # ------------------------------------------------------------------------------ E_SGA, stage II
