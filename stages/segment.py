@@ -1,11 +1,16 @@
 """Segment stage: pool each video's clip features into a fixed number of segments (default 32).
 
-Two published schemes (PROTOCOLS.md, '32 segments'):
+Two published schemes:
 
-- ``sultani`` (Sultani et al. 2018, Sec. 3.3 and their feature script): bin edges
-  ``round(linspace(0, T - 1, S + 1))`` over clip indices; segment i is the mean of clips
-  ``[e_i, e_{i+1})``, or clip ``e_i`` alone when the bin is empty; the last segment also takes clip
-  ``T - 1``; each segment is L2-normalised.
+- ``sultani`` (Sultani et al. 2018, Sec. 3.3; the official ``Save_C3DFeatures_32Segments.m`` of
+  WaqasSultani/AnomalyDetectionCVPR2018): bin edges ``round(linspace(0, T - 1, S + 1))`` over clip
+  indices (the script's 1-based ``round(linspace(1, T, 33))``); segment i is the mean of clips
+  ``[e_i, e_{i+1})``, or clip ``e_i`` alone when the bin is empty; each segment is L2-normalised. As
+  in the script, the last segment ends before clip ``T - 1``: its branch that would include the last
+  clip (``ishots == length(thirty2_shots)``) never runs, since the loop stops one short of it. The
+  official evaluation (``Evaluate_Anomaly_Detector.m``) uses the same bins, so the last clip's
+  frames get no segment score there either (it leaves them at 0); here they are left out of the
+  metrics, as every frame no unit covers is (``stages/evaluate.py``).
 - ``rtfm`` (Tian et al. 2021, their ``process_feat``): edges ``int(linspace(0, T, S + 1))``; mean of
   ``[e_i, e_{i+1})``, or clip ``e_i`` when empty; no normalisation.
 
@@ -34,8 +39,6 @@ def segment_bins(n_clips: int, n_segments: int, scheme: str) -> list[tuple[int, 
     bins = []
     for i in range(n_segments):
         a, b = int(edges[i]), int(edges[i + 1])
-        if scheme == "sultani" and i == n_segments - 1:
-            b = n_clips  # the last segment ends with the last clip
         a = min(a, n_clips - 1)
         bins.append((a, max(b, a + 1)))
     return bins
@@ -53,7 +56,7 @@ def pool_segments(features: np.ndarray, bins: list[tuple[int, int]], l2: bool) -
 
 class SegmentStage(Stage):
     name = "segment"
-    version = 1
+    version = 2  # 2: the Sultani scheme's last segment leaves out the last clip, as the official script does
     reads = ("segment",)
     upstream = ("extract",)
 
