@@ -226,16 +226,56 @@ def stack_crops(batch: MILBatch) -> tuple[torch.Tensor, int, int, int, torch.Ten
     return x, va, vn, c, labels
 
 
-def all_crops_batch(bank: "FeatureBank", batch_abnormal: int, batch_normal: int, gen: torch.Generator) -> CropsBatch:
+def all_crops_batch(
+    bank: "FeatureBank", batch_abnormal: int, batch_normal: int, gen: torch.Generator,
+    step: int | None = None, seed: int = 0,
+) -> CropsBatch:
     """``batch_abnormal`` anomalous + ``batch_normal`` normal videos of ``bank``, each with all its crops
-    (PROTOCOLS.md: RTFM trains on all 10 crops)."""
-    a = _draw(bank.abnormal_index, batch_abnormal, gen)
-    n = _draw(bank.normal_index, batch_normal, gen)
+    (official RTFM dataset.py / model.py: every batch holds all 10 crops of each video).
+
+    ``step`` None: each class drawn afresh from ``gen`` (:func:`_draw`); an int: the ``step``-th batch
+    of shuffled, cycled, drop-last loaders (:func:`loader_draw`, seeded by ``seed``).
+    """
+    if step is None:
+        a = _draw(bank.abnormal_index, batch_abnormal, gen)
+        n = _draw(bank.normal_index, batch_normal, gen)
+    else:
+        a = loader_draw(bank.abnormal_index, batch_abnormal, step, seed, salt=1)
+        n = loader_draw(bank.normal_index, batch_normal, step, seed, salt=0)
     return CropsBatch(
         abnormal=torch.as_tensor(bank.features[a]).flatten(0, 1),
         normal=torch.as_tensor(bank.features[n]).flatten(0, 1),
         crops=int(bank.features.shape[1]),
     )
+
+
+def loader_draw(index: torch.Tensor, k: int, step: int, seed: int, salt: int = 0) -> torch.Tensor:
+    """Batch number ``step`` (from 0) of ``k`` entries of ``index`` drawn as a PyTorch
+    ``DataLoader(shuffle=True, drop_last=True)`` that is restarted whenever it runs out (official
+    RTFM main.py: each class has its own such loader, re-iterated every ``len(loader)`` steps).
+
+    Each pass ("epoch") over ``index`` is a fresh permutation, of which the ``len(index) // k`` full
+    batches are used in turn and the remainder is dropped, so no video repeats within a pass. The
+    permutation of pass e depends only on ``(seed, salt, e)``, never on earlier draws, so a resumed
+    run draws the same batches. With fewer than ``k`` entries (where the official loader would have
+    no batch at all) every batch is all of them, shuffled (from ``(seed, salt, step)``).
+
+    Returns:
+        ``[min(k, len(index))]`` distinct entries of ``index``.
+    """
+    n = index.numel()
+    per_pass = n // k
+
+    def seeded(*parts: int) -> torch.Generator:  # an arithmetic mix: the same in every process
+        value = 0
+        for part in (seed, salt, *parts):
+            value = (value * 1_000_003 + part) % (2**61 - 1)
+        return torch.Generator().manual_seed(value)
+
+    if per_pass == 0:
+        return index[torch.randperm(n, generator=seeded(1, step))]
+    epoch, pos = divmod(step, per_pass)
+    return index[torch.randperm(n, generator=seeded(0, epoch))[pos * k : (pos + 1) * k]]
 
 
 def _draw(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -258,11 +298,13 @@ def mlp_head(in_dim: int, hidden: "tuple[int, ...] | list[int]", dropout: float)
 
 
 def xavier_init_(modules: "Iterable[nn.Module]") -> None:
-    """Xavier-uniform weights and zero biases for every ``nn.Linear`` / ``nn.Conv1d`` in ``modules``."""
+    """Xavier-uniform weights and zero biases (where a layer has one) for every ``nn.Linear`` /
+    ``nn.Conv1d`` in ``modules``."""
     for m in modules:
         if isinstance(m, (nn.Linear, nn.Conv1d)):
             nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class Detector(nn.Module):

@@ -198,15 +198,23 @@ class TrainStage(Stage):
         """Segment-level detectors train on the segment stage's bags, clip-level ones on extract's
         clips; a detector with its own chain (MIST) names its inputs (``Detector.train_inputs``)."""
         cls = DETECTORS.get_class(cfg.train.method)
+        if imported_checkpoint(cfg.train) is not None:
+            return ()  # nothing to train on: the weights come from train.checkpoint
         if cls.train_inputs is not None:
             return cls.train_inputs
         return ("segment",) if cls.training_level() == "segments" else ("extract",)
 
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:
-        return {"detector_version": DETECTORS.get_class(ctx.cfg.train.method).version}
+        out: dict[str, Any] = {"detector_version": DETECTORS.get_class(ctx.cfg.train.method).version}
+        path = imported_checkpoint(ctx.cfg.train)
+        if path is not None:
+            out["checkpoint_sha256"] = checkpoint_checksum(path)
+        return out
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
         cls = DETECTORS.get_class(ctx.cfg.train.method)
+        if imported_checkpoint(ctx.cfg.train) is not None:
+            return import_checkpoint(ctx, out)
         if cls.train_inputs is not None:
             return cls.run_train(ctx, out, inputs)
         return train_detector(ctx, out, inputs)
@@ -308,17 +316,7 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
             state = verified_torch_load(out.path / "best.pt", map_location=device)
         except ValueError as e:
             raise CorruptArtifact(str(e), out.path / "best.pt") from e
-    atomic_torch_save(
-        out.path / "model.pt",
-        {
-            "method": cfg.method,
-            "feature_dim": feature_dim,
-            "input_level": model.input_level,
-            "state_dict": {k: v.cpu() for k, v in state.items()},
-            "train_config": ctx.cfg.to_dict()["train"],
-            "selected_step": best["step"] if cfg.selection == "val" else cfg.iterations,
-        },
-    )
+    write_model(out, ctx, model, state, best["step"] if cfg.selection == "val" else cfg.iterations)
     (out.path / "bank.npy").unlink(missing_ok=True)  # the memory-mapped bank, if any, is rebuilt on demand
     final = rows[-1] if rows else {}
     return {
@@ -329,6 +327,70 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
         "train_videos": len(bank.ids),
         "val_videos": len(val.ids) if val is not None else 0,
     }
+
+
+def write_model(out: StageDir, ctx: Context, model: Any, state: dict[str, torch.Tensor], selected_step: int | None) -> None:
+    """Write the train stage's result ``model.pt`` atomically (what :func:`load_detector` reads):
+    the detector ``model``'s method, feature width and input level, the weights ``state`` (on the
+    CPU), the run's train config and the step they come from (None: imported, ``train.checkpoint``)."""
+    atomic_torch_save(
+        out.path / "model.pt",
+        {
+            "method": ctx.cfg.train.method,
+            "feature_dim": int(model.feature_dim),
+            "input_level": model.input_level,
+            "state_dict": {k: v.cpu() for k, v in state.items()},
+            "train_config": ctx.cfg.to_dict()["train"],
+            "selected_step": selected_step,
+        },
+    )
+
+
+def imported_checkpoint(train_cfg: Any) -> Path | None:
+    """The file named by ``train.checkpoint`` (a detector whose config has that setting: RTFM), or
+    None when it is unset and the detector is trained."""
+    path = getattr(train_cfg, "checkpoint", "")
+    return Path(path).expanduser() if path else None
+
+
+def checkpoint_checksum(path: Path) -> str:
+    """sha256 of the ``train.checkpoint`` file (it enters the train stage's cache key); a missing
+    file is a StageError naming it."""
+    from pipeline.cache import sha256_file
+
+    if not path.is_file():
+        raise StageError(f"train.checkpoint: {path}: file not found")
+    return sha256_file(path)
+
+
+def import_checkpoint(ctx: Context, out: StageDir) -> dict[str, Any]:
+    """The train stage's work when ``train.checkpoint`` is set: load that state dict (e.g. a released
+    official RTFM ``.pkl``, ``torch.save(model.state_dict())``) into the detector with strict key
+    and shape matching, and write it as ``model.pt`` as training would. Nothing is trained.
+
+    Raises:
+        StageError: one line naming the file: unreadable, not a state dict, or keys / shapes that
+            are not the detector's (``Detector.load_official``).
+    """
+    cfg = ctx.cfg.train
+    path = imported_checkpoint(cfg)
+    assert path is not None
+    digest = checkpoint_checksum(path)
+    cls = DETECTORS.get_class(cfg.method)
+    try:
+        state = verified_torch_load(path, map_location="cpu")
+    except ValueError as e:  # the message names the file
+        raise StageError(f"train.checkpoint: {e}") from None
+    try:
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict (torch.save(model.state_dict()))")
+        model = cls(feature_dim=cls.feature_dim_of(state), cfg=cfg)
+        model.load_official(state)
+    except ValueError as e:
+        raise StageError(f"train.checkpoint: {path}: {e}") from None
+    write_model(out, ctx, model, model.state_dict(), None)
+    log.info("train: %s loaded from %s (sha256 %s), not trained", cfg.method, path, digest[:12])
+    return {"iterations": 0, "checkpoint": str(path), "checkpoint_sha256": digest, "feature_dim": model.feature_dim}
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:

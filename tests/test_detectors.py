@@ -40,6 +40,12 @@ def bank_for(name: str) -> FeatureBank | ClipBank:
     return planted_bank(level=DETECTORS.get_class(name).training_level())
 
 
+#: parameters whose gradient is exactly zero at initialisation by design, per detector: RTFM's
+#: non-local block starts as the identity (its output BatchNorm's weight is 0, official RTFM
+#: model.py), so nothing flows into the block until that weight moves (tests/test_rtfm.py checks it)
+ZERO_GRADIENT_AT_INIT = {"rtfm": tuple(f"Aggregate.non_local.{m}." for m in ("g", "theta", "phi", "W.0"))}
+
+
 def small_config(name: str, **over):
     cfg = DETECTORS.get_class(name).Config()
     cfg.batch_abnormal = cfg.batch_normal = 2
@@ -73,7 +79,8 @@ def test_shapes_loss_and_gradients(name):
     terms["total"].backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-        assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
+        if not pname.startswith(ZERO_GRADIENT_AT_INIT.get(name, ())):
+            assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
     for i in range(len(bank.ids)):  # test-time scoring: one score per segment, or per clip
         bags = bank.bags(i)
         assert model.score(bags).shape == (bags.shape[1] if model.input_level == "clips" else S,)
