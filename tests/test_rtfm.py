@@ -521,7 +521,7 @@ def test_an_official_checkpoint_is_evaluated_and_scores_new_videos(tmp_path, cap
             buf.uniform_(0.5, 1.5)
     torch.nn.init.normal_(official.Aggregate.non_local.W[1].weight)
     ckpt = tmp_path / "rtfm_official.pkl"
-    torch.save(official.state_dict(), ckpt)
+    torch.save(official.state_dict(), ckpt, _use_new_zipfile_serialization=False)  # PyTorch < 1.6 format
     run = tmp_path / "run"
     base = ["-q", "run", "--stage", "evaluate", "--method", "rtfm", "--run-dir", str(run)] + [
         a for s in (f"data.manifest={data}", "extract.backbone=test_motion", "extract.crops=center") for a in ("--set", s)
