@@ -338,6 +338,10 @@ class Detector(nn.Module):
     #: synthetic videos), applied over ``Config``'s defaults there. The published defaults are tuned
     #: for thousands of steps on datasets like UCF-Crime; each detector says why its entries differ.
     short_schedule: ClassVar[dict[str, object]] = {}
+    #: what ``segment.scheme=auto`` (the default) resolves to for this detector: the 32-segment
+    #: pooling of the authors' own code (``sultani``: Sultani et al.'s Save_C3DFeatures_32Segments.m;
+    #: RTFM overrides it with ``rtfm``, its utils.py process_feat)
+    segment_scheme: ClassVar[str] = "sultani"
     registry_name: ClassVar[str]
     #: a detector whose training is a chain of its own stages (MIST) names the runner stages its
     #: train stage reads and implements :meth:`run_train`; None: the generic loop of

@@ -375,6 +375,8 @@ class RTFM(Detector):
     input_level = "clips"
     train_level = "segments"
     causal = False
+    #: segment.scheme=auto pools 32 segments as the official utils.py process_feat does
+    segment_scheme = "rtfm"
     #: 2: the official network (version 1 was built from the paper's description)
     version = 2
     #: for a few hundred steps on a few dozen videos (tests/test_synthetic_benchmark.py, 400 steps,

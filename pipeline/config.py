@@ -212,9 +212,11 @@ class SegmentConfig:
 
     num_segments: int = opt(32, "segments per video (Sultani et al. 2018, Sec. 3.3)")
     scheme: str = choice(
-        "sultani",
-        ("sultani", "rtfm"),
-        "sultani: round(linspace) bins, mean, L2-normalised; rtfm: int(linspace) bins, mean, no normalisation",
+        "auto",
+        ("auto", "sultani", "rtfm"),
+        "auto: the scheme of the chosen detector's official code (rtfm for --method rtfm, from RTFM's "
+        "utils.py process_feat; sultani otherwise); sultani: round(linspace) bins, mean, L2-normalised "
+        "(Sultani et al.'s Save_C3DFeatures_32Segments.m); rtfm: int(linspace) bins, mean, no normalisation",
     )
 
 
@@ -414,6 +416,11 @@ def build_config(
         if section in merged:
             values = train_values if section == "train" else merged[section]
             _apply_section(getattr(cfg, section), values, section)
+    if cfg.segment.scheme == "auto":
+        # resolved here, so that the segment stage's cache key holds the scheme actually used
+        from models import DETECTORS
+
+        cfg.segment.scheme = DETECTORS.get_class(str(chosen)).segment_scheme
     return cfg
 
 

@@ -51,3 +51,11 @@ def test_pool_segments_mean_then_unit_norm():
     feats[:, 0, 1] = [0.0, 0.0, 4.0]
     seg = pool_segments(feats, [(0, 2), (2, 3)], l2=True)
     np.testing.assert_allclose(seg[0], [[1.0, 0.0], [0.6, 0.8]], atol=1e-7)
+
+
+def test_auto_scheme_follows_the_detector():
+    from pipeline.config import build_config
+
+    assert build_config(method="rtfm").segment.scheme == "rtfm"
+    assert build_config(method="sultani_mil").segment.scheme == "sultani"
+    assert build_config(method="rtfm", sets=["segment.scheme=sultani"]).segment.scheme == "sultani"
