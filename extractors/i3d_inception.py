@@ -103,20 +103,29 @@ class BatchNorm3dNoScale(nn.Module):
 
     Parameters/buffers: ``bias`` (beta), ``running_mean``, ``running_var``, each ``[C]`` float32.
     In training mode it normalizes with the batch statistics and updates the running ones.
+    :meth:`enable_scale` adds a scale ``weight`` (gamma) of ones, the affine BatchNorm of PyTorch
+    ports of I3D that fine-tune it (e.g. MIST's ``models/I3D_STD.py``, ``Unit3Dpy.batch3d``, whose
+    converted weights set gamma to 1); without it ``weight`` is None and absent from the state dict.
     """
 
     def __init__(self, channels: int, eps: float = BN_EPS, momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
         self.eps = eps
         self.momentum = momentum
+        self.register_parameter("weight", None)
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
 
+    def enable_scale(self) -> None:
+        """Add a trainable scale gamma, initialised to 1 (the output is unchanged until it trains)."""
+        if self.weight is None:
+            self.weight = nn.Parameter(torch.ones_like(self.bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[N, C, T, H, W]`` -> same shape."""
         return F.batch_norm(
-            x, self.running_mean, self.running_var, weight=None, bias=self.bias,
+            x, self.running_mean, self.running_var, weight=self.weight, bias=self.bias,
             training=self.training, momentum=self.momentum, eps=self.eps,
         )
 

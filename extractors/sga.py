@@ -162,11 +162,18 @@ class ESGA(nn.Module):
             their running statistics from, each batch (the official ``--use_bn_sta``,
             ``I3D_SGA_STD.freeze_batch_norm`` keeping them in ``train()``); False keeps them in eval
             mode (running statistics, frozen).
+        bn_scale: give the backbone's scale-free batch norms (Inception-I3D's
+            :class:`~extractors.i3d_inception.BatchNorm3dNoScale`) a trainable scale of ones, as the
+            affine BatchNorm3d of the official I3D (``models/I3D_STD.py``, ``Unit3Dpy``).
     """
 
     def __init__(self, backbone: nn.Module, expand_k: int = 8, dropout: float = 0.8, clip_len: int = 16,
-                 bn_batch_stats: bool = True) -> None:
+                 bn_batch_stats: bool = True, bn_scale: bool = False) -> None:
         super().__init__()
+        if bn_scale:
+            for m in backbone.modules():
+                if hasattr(m, "enable_scale"):
+                    m.enable_scale()
         mid_c, final_c = backbone_channels(backbone)
         self.backbone = backbone
         self.feature_dim = final_c
@@ -210,12 +217,14 @@ class ESGA(nn.Module):
         return SGAOutput(logits, guided, attention[:, 0, 0], feature)
 
 
-def build_esga(extractor: Any, expand_k: int, dropout: float, clip_len: int, bn_batch_stats: bool = True) -> ESGA:
+def build_esga(extractor: Any, expand_k: int, dropout: float, clip_len: int, bn_batch_stats: bool = True,
+               bn_scale: bool = False) -> ESGA:
     """An E_SGA around a built extractor's network (``extractor.model``)."""
     model = getattr(extractor, "model", None)
     if not isinstance(model, nn.Module):
         raise TypeError(f"extractor {type(extractor).__name__} has no network to fine-tune")
-    return ESGA(model, expand_k=expand_k, dropout=dropout, clip_len=clip_len, bn_batch_stats=bn_batch_stats)
+    return ESGA(model, expand_k=expand_k, dropout=dropout, clip_len=clip_len, bn_batch_stats=bn_batch_stats,
+                bn_scale=bn_scale)
 
 
 class SGAExtractor:
@@ -256,7 +265,8 @@ class SGAExtractor:
         self.pointwise_normalize = getattr(base, "pointwise_normalize", True)
         self.registry_name = f"{base.registry_name}+mist_sga"
         self._checksum = sha256_file(path)
-        self.model = build_esga(base, saved["expand_k"], 0.0, saved["clip_len"], bn_batch_stats=False)
+        self.model = build_esga(base, saved["expand_k"], 0.0, saved["clip_len"], bn_batch_stats=False,
+                                bn_scale=bool(saved.get("bn_scale", False)))
         self.model.load_state_dict(saved["state_dict"])
         self.model.to(self.device).eval()
         self.feature_dim = self.model.feature_dim

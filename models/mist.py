@@ -177,6 +177,12 @@ class MistConfig(TrainConfig):
         "SHT_I3D_train.sh --use_bn_sta; I3D_SGA_STD.freeze_batch_norm keeps them in train mode), running = eval "
         "mode, statistics frozen. C3D has no batch norm",
     )
+    ft_bn_scale: bool = opt(
+        True,
+        "give the backbone's scale-free (Sonnet-style) Inception-I3D batch norms a trainable scale gamma = 1, as "
+        "the affine BatchNorm3d of the I3D that MIST fine-tunes (official models/I3D_STD.py Unit3Dpy, converted "
+        "weights with gamma = 1); false trains the offsets only. C3D has no batch norm",
+    )
     ft_bn_momentum: float = opt(0.1, "momentum of the running batch statistics while fine-tuning (official "
                                 "models/I3D_STD.py Unit3Dpy: torch BatchNorm3d default 0.1; the pretrained "
                                 "Sonnet port uses 0.001)")

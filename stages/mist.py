@@ -169,6 +169,7 @@ class Stage2Settings:
     freeze_epochs: int
     freeze_bn_epochs: int
     bn_batch_stats: bool
+    bn_scale: bool
     bn_momentum: float
     dropout: float
     class_weights: str
@@ -219,7 +220,7 @@ def stage2_settings(cfg: Any, backbone: str) -> Stage2Settings:
         batch_videos=cfg.ft_batch_videos or r["batch_videos"], accumulate=cfg.ft_accumulate or r["accumulate"],
         clips_per_video=cfg.ft_clips_per_video, expand_k=cfg.ft_expand_k, freeze_epochs=freeze,
         freeze_bn_epochs=cfg.ft_freeze_bn_epochs if cfg.ft_freeze_bn_epochs >= 0 else freeze,
-        bn_batch_stats=cfg.ft_bn_stats == "batch", bn_momentum=cfg.ft_bn_momentum, dropout=cfg.ft_dropout,
+        bn_batch_stats=cfg.ft_bn_stats == "batch", bn_scale=bool(cfg.ft_bn_scale), bn_momentum=cfg.ft_bn_momentum, dropout=cfg.ft_dropout,
         class_weights=cfg.ft_class_weights or r["class_weights"], lambda_guided=cfg.ft_lambda_guided,
         label_interp=cfg.ft_label_interp or r["label_interp"], augment=cfg.ft_augment,
         train_size=parse_size(cfg.ft_train_size, "ft_train_size") if cfg.ft_train_size else r["train_size"],
@@ -496,7 +497,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     try:
         extractor = EXTRACTORS.get(ext.backbone, weights=ext.weights or None, device=str(device))
         torch.manual_seed(cfg.seed)  # E_SGA's new layers start alike whatever ran before in this process
-        model = build_esga(extractor, s.expand_k, s.dropout, ext.clip_len, s.bn_batch_stats).to(device)
+        model = build_esga(extractor, s.expand_k, s.dropout, ext.clip_len, s.bn_batch_stats, s.bn_scale).to(device)
     except (TypeError, ValueError, OSError) as e:
         raise StageError(f"train: cannot build E_SGA on {ext.backbone}: {e}") from e
     model.set_bn_momentum(s.bn_momentum)
@@ -558,7 +559,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     test_input = None if s.test_crops is None else {"resize": ["fixed", *s.test_size], "crops": s.test_crops}
     atomic_torch_save(out.path / "encoder.pt", {
-        "backbone": ext.backbone, "expand_k": s.expand_k, "clip_len": ext.clip_len,
+        "backbone": ext.backbone, "expand_k": s.expand_k, "clip_len": ext.clip_len, "bn_scale": s.bn_scale,
         "feature_dim": model.feature_dim, "state_dict": state, "test_input": test_input, "recipe": s.recipe,
     })
     head = DETECTORS.get("mist", feature_dim=model.feature_dim, cfg=cfg)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from extractors.sga import OFFICIAL_NAMES, ESGA, SelfGuidedAttention, to_official_names
+from extractors.sga import OFFICIAL_NAMES, ESGA, SelfGuidedAttention, backbone_maps, to_official_names
 from models.mist import MistConfig, class_weighted_ce, class_weights
 from stages.mist import (
     augment_clips,
@@ -252,6 +252,33 @@ def test_batch_norm_affine_frozen_then_trained_and_batch_statistics_used():
     with torch.no_grad():
         model(x)
     assert torch.equal(first.running_mean, after)  # eval: running statistics, untouched
+
+
+def test_batch_norm_scale_of_ones_as_the_official_affine_batchnorm():
+    from extractors.i3d_inception import InceptionI3d
+
+    torch.manual_seed(0)
+    plain = InceptionI3d()
+    scaled = ESGA(InceptionI3d(), expand_k=8, clip_len=16, bn_scale=True)
+    scaled.backbone.load_state_dict(plain.state_dict(), strict=False)
+    bns = [m for m in scaled.backbone.modules() if hasattr(m, "running_mean")]
+    assert all(torch.equal(m.weight, torch.ones_like(m.bias)) for m in bns)  # gamma = 1, 57 of them
+    assert sum(k.endswith(".bn.weight") for k in scaled.state_dict()) == 57
+    assert not any(k.endswith(".bn.weight") for k in plain.state_dict())  # the extractor's layout is unchanged
+    plain.eval(), scaled.eval()
+    x = torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(backbone_maps(scaled.backbone, x), backbone_maps(plain, x)):
+            torch.testing.assert_close(a, b)  # gamma = 1 changes nothing until it trains
+    scaled.set_backbone_trainable(True, False)
+    assert not any(m.weight.requires_grad for m in bns)  # --freeze_bn: gamma frozen with beta
+    scaled.set_backbone_trainable(True, True)
+    assert all(m.weight.requires_grad and m.bias.requires_grad for m in bns)
+    bns[0].weight.data.fill_(2.0)  # gamma scales the normalised map
+    bn = bns[0]
+    y = torch.randn(2, bn.bias.numel(), 2, 3, 3)
+    expect = (y - bn.running_mean[None, :, None, None, None]) / torch.sqrt(bn.running_var + bn.eps)[None, :, None, None, None]
+    torch.testing.assert_close(bn(y), 2.0 * expect + bn.bias[None, :, None, None, None])
 
 
 # ------------------------------------------------------------------------------ clips, labels, augmentation
