@@ -48,6 +48,13 @@ I3D_MID = ("Mixed_4f", 832)
 C3D_MID = ("conv4b", 512)
 
 
+def scale_input_(clips: torch.Tensor, mean_std: tuple[float, float]) -> torch.Tensor:
+    """``(x - mean) / std`` in place on float32 ``clips`` ``[N, 3, T, H, W]`` in [0, 255] (MIST's I3D
+    input: mean = std = 128, ``datasets/dataset.py`` ``Normalize``; values in [-1, 0.99])."""
+    mean, std = mean_std
+    return clips.sub_(mean).div_(std)
+
+
 def backbone_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``M_{b-4}`` and the final map of ``backbone`` for clips ``x`` ``[N, 3, T, H, W]`` (see module docstring)."""
     if hasattr(backbone, "forward_maps"):
@@ -237,7 +244,8 @@ class SGAExtractor:
     no crop, ``datasets/dataset.py``, ``Test_Dataset_SHT_I3D``), exposed as :attr:`resize` and
     :attr:`input_crops`, which the extract path (``stages.extract.iter_clip_features``) uses in place
     of ``extract.crops``. Without one (``train.ft_test_input=extract``) it is the base extractor's
-    resize and ``extract.crops``. Normalisation is always the base extractor's.
+    resize and ``extract.crops``. Pixel scaling: the ``input_norm`` (mean, std) stage II trained with
+    (``train.ft_input_norm=official``, MIST's I3D ``(x - 128) / 128``), else the base extractor's.
 
     Args:
         base: the extract stage's extractor of ``encoder["backbone"]``, built on ``device``.
@@ -263,6 +271,8 @@ class SGAExtractor:
         if test_input.get("resize"):
             self.resize = tuple(test_input["resize"])
         self.pointwise_normalize = getattr(base, "pointwise_normalize", True)
+        norm = saved.get("input_norm")
+        self.input_norm: tuple[float, float] | None = (float(norm[0]), float(norm[1])) if norm else None
         self.registry_name = f"{base.registry_name}+mist_sga"
         self._checksum = sha256_file(path)
         self.model = build_esga(base, saved["expand_k"], 0.0, saved["clip_len"], bn_batch_stats=False,
@@ -278,11 +288,15 @@ class SGAExtractor:
         return self._checksum
 
     def normalize(self, clips: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            return scale_input_(clips.to(torch.float32, copy=True), self.input_norm)
         return self.base.normalize(clips)
 
     def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
-        """The base extractor's in-place normalisation; for a base without one,
-        ``ClipExtractor.normalize_``'s default through :meth:`normalize`."""
+        """:meth:`normalize` in place: the stage II scaling, or the base extractor's in-place
+        normalisation (for a base without one, ``ClipExtractor.normalize_``'s default)."""
+        if self.input_norm is not None:
+            return scale_input_(clips, self.input_norm)
         in_place = getattr(self.base, "normalize_", None)
         return in_place(clips) if in_place is not None else ClipExtractor.normalize_(self, clips)
 

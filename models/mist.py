@@ -222,6 +222,14 @@ class MistConfig(TrainConfig):
         "cropped to the backbone's crop (C3D recipes: Test_Dataset_SHT_C3D / _C3D, 128x171 then 112); extract = "
         "the extract stage's resize and extract.crops, scores averaged over the crops",
     )
+    ft_input_norm: str = choice(
+        "official", ("official", "extractor"),
+        "pixel scaling of the fine-tuned encoder's input (training clips, re-extraction, scoring): official = the "
+        "recipe's, (x - 128) / 128 for I3D (datasets/dataset.py Train_TemAug_Dataset_SHT_I3D and "
+        "Test_Dataset_SHT_I3D: Normalize(mean 128, std 128)) and BGR minus (90.25, 97.66, 101.41) for C3D (the C3D "
+        "datasets, the same as this project's C3D extractor); extractor = the extract stage's scaling (Inception-I3D: "
+        "x / 127.5 - 1)",
+    )
     ft_test_size: str = opt("", "HxW of the official test-time resize; '' = recipe (sht_i3d 240x320, C3D 128x171)")
     ft_checkpoint_every: int = opt(20, "stage II batches between resumable checkpoints (besides every epoch end)", key=False)
     explain: str = opt(

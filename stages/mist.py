@@ -180,6 +180,7 @@ class Stage2Settings:
     grayscale: float
     test_crops: str | None
     test_size: tuple[int, int]
+    input_norm: tuple[float, float] | None
 
 
 #: the values of the recipe-dependent stage II settings per official script (fjchange/MIST_VAD):
@@ -190,13 +191,13 @@ class Stage2Settings:
 STAGE2_RECIPES: dict[str, dict[str, Any]] = {
     "sht_i3d": {"grad_clip": 20.0, "batch_videos": 10, "accumulate": 3, "freeze_epochs": 30, "decay_biases": True,
                 "class_weights": "0.8,0.65", "label_interp": "swapped", "train_size": (256, 340), "grayscale": 0.0,
-                "test_crops": "none", "test_size": (240, 320)},
+                "test_crops": "none", "test_size": (240, 320), "input_norm": (128.0, 128.0)},
     "sht_c3d": {"grad_clip": 10.0, "batch_videos": 10, "accumulate": 1, "freeze_epochs": 30, "decay_biases": True,
                 "class_weights": "1,1", "label_interp": "max", "train_size": (128, 171), "grayscale": 0.1,
-                "test_crops": "center", "test_size": (128, 171)},
+                "test_crops": "center", "test_size": (128, 171), "input_norm": None},
     "ucf_c3d": {"grad_clip": 20.0, "batch_videos": 32, "accumulate": 5, "freeze_epochs": 60, "decay_biases": False,
                 "class_weights": "1,1", "label_interp": "max", "train_size": (128, 171), "grayscale": 0.1,
-                "test_crops": "center", "test_size": (128, 171)},
+                "test_crops": "center", "test_size": (128, 171), "input_norm": None},
 }
 
 #: MultiScaleCrop scales of the short side (official datasets/dataset.py Train_TemAug_*: [1.0, 0.8], max_distort 1)
@@ -227,6 +228,8 @@ def stage2_settings(cfg: Any, backbone: str) -> Stage2Settings:
         grayscale=cfg.ft_grayscale if cfg.ft_grayscale >= 0 else r["grayscale"],
         test_crops=r["test_crops"] if cfg.ft_test_input == "official" else None,
         test_size=parse_size(cfg.ft_test_size, "ft_test_size") if cfg.ft_test_size else r["test_size"],
+        # the C3D recipes' scaling is the C3D extractor's own (None: use the extractor's)
+        input_norm=r["input_norm"] if cfg.ft_input_norm == "official" else None,
     )
 
 
@@ -430,6 +433,7 @@ def sample_training_batch(videos: list[dict[str, Any]], ids: list[int], s: Stage
     labelled by :func:`jitter_label` (normal videos 0), resized to ``train_size``, augmented
     (:func:`augment_clips`) and normalised by the extractor. Returns ``x`` ``[N, 3, T, s, s]``
     float32 and ``y`` ``[N]`` float32 on ``device``, ``N = len(ids) * clips_per_video``."""
+    from extractors.sga import scale_input_
     from extractors.transforms import preprocess_clips
 
     xs, ys = [], []
@@ -444,7 +448,8 @@ def sample_training_batch(videos: list[dict[str, Any]], ids: list[int], s: Stage
         resized = preprocess_clips(torch.from_numpy(raw).to(device), ("fixed", *s.train_size), extractor.crop_size,
                                    "none", resize_dtype=resize_dtype)  # [K, 3, T, H, W] in [0, 255]
         xs.append(augment_clips(resized, extractor.crop_size, gen, s.grayscale, s.augment == "official"))
-    x = extractor.normalize(torch.cat(xs))
+    x = torch.cat(xs)
+    x = scale_input_(x.float(), s.input_norm) if s.input_norm is not None else extractor.normalize(x)
     return x, torch.tensor(ys, dtype=torch.float32, device=device)
 
 
@@ -561,6 +566,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     atomic_torch_save(out.path / "encoder.pt", {
         "backbone": ext.backbone, "expand_k": s.expand_k, "clip_len": ext.clip_len, "bn_scale": s.bn_scale,
         "feature_dim": model.feature_dim, "state_dict": state, "test_input": test_input, "recipe": s.recipe,
+        "input_norm": list(s.input_norm) if s.input_norm is not None else None,
     })
     head = DETECTORS.get("mist", feature_dim=model.feature_dim, cfg=cfg)
     head.set_head(model.head)

@@ -136,6 +136,9 @@ def test_recipe_defaults_per_backbone():
     assert i3d.bn_batch_stats and i3d.bn_momentum == 0.1
     assert (i3d.test_crops, i3d.test_size, i3d.train_size) == ("none", (240, 320), (256, 340))
     assert (c3d.test_crops, c3d.test_size, c3d.train_size, c3d.grayscale) == ("center", (128, 171), (128, 171), 0.1)
+    # Normalize(mean 128, std 128) of the I3D datasets; the C3D datasets' BGR mean is the C3D extractor's own
+    assert (i3d.input_norm, c3d.input_norm, ucf.input_norm) == ((128.0, 128.0), None, None)
+    assert stage2_settings(MistConfig(ft_input_norm="extractor"), "i3d_inception").input_norm is None
     # explicit settings win over the recipe
     mine = stage2_settings(MistConfig(ft_batch_videos=4, ft_accumulate=1, ft_class_weights="frequency", ft_test_input="extract"), "i3d_inception")
     assert (mine.batch_videos, mine.accumulate, mine.class_weights, mine.test_crops) == (4, 1, "frequency", None)
@@ -370,11 +373,16 @@ def test_test_time_input_is_the_whole_frame_at_240x320(tmp_path):
     s = stage2_settings(MistConfig(), "i3d_inception")
     atomic_torch_save(tmp_path / "encoder.pt", {
         "backbone": "i3d_inception", "expand_k": 8, "clip_len": 16, "feature_dim": 1024,
-        "state_dict": model.state_dict(), "test_input": {"resize": ["fixed", *s.test_size], "crops": s.test_crops}})
+        "state_dict": model.state_dict(), "test_input": {"resize": ["fixed", *s.test_size], "crops": s.test_crops},
+        "input_norm": list(s.input_norm)})
     base = SimpleNamespace(registry_name="i3d_inception", device="cpu", resize=("short", 256), crop_size=224, clip_len=16,
                            model=InceptionI3d(), normalize=lambda x: x / 127.5 - 1)
     sga = SGAExtractor(base, tmp_path / "encoder.pt")
     assert sga.resize == ("fixed", 240, 320) and sga.input_crops == "none"
+    pixels = torch.tensor([0.0, 64.0, 128.0, 255.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 1, 1).contiguous()
+    expect = torch.tensor([-1.0, -0.5, 0.0, 127.0 / 128.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 1, 1)
+    torch.testing.assert_close(sga.normalize(pixels), expect)  # (x - 128) / 128, not x / 127.5 - 1
+    torch.testing.assert_close(sga.normalize_(pixels.clone()), expect)
     seen = []
     sga.features = lambda x: seen.append(tuple(x.shape)) or torch.zeros(len(x), 1024)  # the shape, not the network
     path = tmp_path / "v.mp4"
