@@ -20,7 +20,8 @@ al.'s released features agree: the 10 ``SampleVideos/*.txt`` files in ``../share
 segments x 4096, each a mean of clip features, L2-normalised) have no negative value and 65-83 % exact
 zeros, which pre-activation fc6 values would not give.
 
-Preprocessing (C3D paper and PROTOCOLS.md, 'Features and clips', MIST line): frames resized to exactly
+Preprocessing (C3D paper; MIST's C3D datasets, fjchange/MIST_VAD datasets/dataset.py Test_Dataset_C3D and
+configs/constant.py C3D_MEAN): frames resized to exactly
 128x171 (``resize = ("fixed", 128, 171)``), 112x112 crops (the stage's centre/5/10-crop), pixel values in
 [0, 255] with the per-channel mean [90.25, 97.66, 101.41] subtracted, no scaling. That mean is in *BGR*
 order, as Caffe (OpenCV) reads frames and as the network was trained; the stage hands RGB frames, so
@@ -70,12 +71,13 @@ C3D_SPORTS1M = WeightSpec(
     filename="c3d-sports1m-davidea.pickle",
 )
 
-#: Per-channel mean in **BGR** order, pixels in [0, 255] (PROTOCOLS.md 'Features and clips', MIST line:
-#: "mean [90.25, 97.66, 101.41] (BGR order in the Caffe original)").
+#: Per-channel mean in **BGR** order, pixels in [0, 255]: the values of fjchange/MIST_VAD datasets/dataset.py
+#: (Test_Dataset_C3D, std 1) and configs/constant.py (C3D_MEAN); BGR because C3D v1.0's Caffe video data
+#: layer reads frames with OpenCV, the order the network was trained in.
 C3D_MEAN_BGR = (90.25, 97.66, 101.41)
 
 #: Frames are resized to exactly 128x171 before cropping (Tran et al. 2015: 3x16x128x171 inputs;
-#: PROTOCOLS.md 'Features and clips', MIST line).
+#: fjchange/MIST_VAD datasets/dataset.py, Test_Dataset_C3D: height 128, width 171).
 C3D_RESIZE = ("fixed", 128, 171)
 #: Crop side (Tran et al. 2015: 3x16x112x112 inputs).
 C3D_CROP = 112

@@ -10,8 +10,8 @@ Implementations (``FLOW_METHODS``, chosen with ``flow.method``), both Dual TV-L1
 Frames become grey with OpenCV's own ``RGB2GRAY`` arithmetic (:func:`extractors.tvl1.to_gray_uint8`,
 bit-exact), so both implementations see identical input.
 
-Flow input of the I3D flow stream (Carreira & Zisserman 2017, Sec. 3 / DeepMind's kinetics-i3d README;
-PROTOCOLS.md 'Features and clips'): TV-L1 flow, values clipped to [-20, 20] and divided by 20 into
+Flow input of the I3D flow stream (Carreira & Zisserman 2017, Sec. 3; deepmind/kinetics-i3d README, the
+flow input's preprocessing): TV-L1 flow, values clipped to [-20, 20] and divided by 20 into
 [-1, 1], 2 channels ``(dx, dy)``, the same resize (short side 256) and 224x224 crops as the RGB path.
 Resizing a flow field multiplies each component by the resize factor of its axis, so that the
 values stay in pixels of the resized frame, as if the flow had been computed on resized frames. A

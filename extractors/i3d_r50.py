@@ -23,14 +23,15 @@ projection (and dropout, an identity in eval mode) left out. Since the projectio
 time steps weights them 1, 2, 3, 4, 4, 3, 2, 1 (/20) rather than uniformly; for 224x224 crops the 7x7
 spatial map is averaged uniformly.
 
-Preprocessing (PROTOCOLS.md, 'Features and clips', RTFM issue 21): short side resized to 256, 224x224
+Preprocessing (RTFM issue 21, the author's feature extraction set-up): short side resized to 256, 224x224
 crops (10-crop by default, done by the extract stage), RGB pixel values in [0, 255] normalised with mean
 114.75 and std 57.375 for every channel. These are pytorchvideo's own Kinetics values times 255 (mean 0.45,
 std 0.225 on [0, 1]: the defaults of ``pytorchvideo.transforms.create_video_transform``), so the network
 sees the input range it was trained on; channel order RGB, as pytorchvideo decodes (PyAV).
 
-Difference from RTFM's published features: PROTOCOLS.md says those came from the non-local repository's
-``i3d_baseline_32x2_IN_pretrain_400k`` ResNet-50 I3D (Caffe2, ImageNet-inflated, 32 frames at stride 2).
+Difference from RTFM's published features: RTFM issue 33 names Tushar-N/pytorch-resnet3d as their ResNet-50 I3D,
+whose weights are facebookresearch/video-nonlocal-net's ``i3d_baseline_32x2_IN_pretrain_400k`` (Caffe2,
+ImageNet-inflated, 32 frames at stride 2; converted by that repository's ``utils/convert_weights.py``).
 pytorchvideo's ``i3d_r50`` is the closest builder available here (same depth, same 2048-D res5 output, same
 normalisation), but it is a different training run with different inflation choices and frame sampling,
 so its features are *not* interchangeable with RTFM's ``[T, 10, 2048]`` files: train and test on features
@@ -70,9 +71,9 @@ I3D_R50_K400 = WeightSpec(
     filename="I3D_8x8_R50.pyth",
 )
 
-#: RTFM's normalisation, for pixel values in [0, 255] (PROTOCOLS.md 'Features and clips', RTFM issue 21).
+#: RTFM's normalisation mean, for pixel values in [0, 255] (RTFM issue 21: mean 114.75 per channel).
 RTFM_MEAN = 114.75
-#: RTFM's normalisation std, for pixel values in [0, 255] (PROTOCOLS.md, RTFM issue 21).
+#: RTFM's normalisation std, for pixel values in [0, 255] (RTFM issue 21: std 57.375 per channel).
 RTFM_STD = 57.375
 
 #: Feature length: res5 channels of ResNet-50.
@@ -224,7 +225,7 @@ class ResNet50I3dExtractor(ClipExtractor):
     """ResNet-50 I3D (pytorchvideo ``i3d_r50``, Kinetics-400): one 2048-D feature per 16-frame clip.
 
     Preprocessing (done by the extract stage): short side resized to 256, 224x224 crops, RGB; pixel
-    values normalised by :meth:`normalize` as RTFM did (PROTOCOLS.md, RTFM issue 21).
+    values normalised by :meth:`normalize` as RTFM did (RTFM issue 21).
 
     Args:
         weights: optional local file (``--set extract.weights=PATH``): the pytorchvideo checkpoint

@@ -1,16 +1,22 @@
 """Resizing and spatial crops in torch (pytorchvideo's transforms are broken with current torchvision).
 
-Crop orders (PROTOCOLS.md, 'Features and clips'):
+Crop orders:
 
 - ``torchvision``: torchvision's ``TenCrop``/``FiveCrop`` order: top-left, top-right, bottom-left,
-  bottom-right, centre, then the same five of the horizontally flipped image (10-crop).
+  bottom-right, centre, then the same five of the horizontally flipped image (10-crop). RTFM's
+  features used ``TenCrop`` (RTFM issues 21 and 33).
 - ``roc-ng``: the Roc-Ng / XD-Violence files ``__0``..``__9``: centre, then the four corners
-  (tl, tr, bl, br), then the flips of those five in the same order.
+  (tl, tr, bl, br), then the flips of those five in the same order. Roc-Ng/XDVioDet's README states
+  only that ``__0`` is the centre and ``__1``..``__4`` the corners; the corners' order and the flipped
+  ``__5``..``__9`` of the 10-crop UCF-Crime files are not documented, and are assumed to follow
+  torchvision's corner order. (UR-DMU's own extractor, ``feature_extract/i3d_extract.py``
+  ``oversample_data``, uses yet another order: tl, tr, centre, bl, br, then their flips.)
 
 Resize precision (``extract.resize_dtype``, :data:`RESIZE_DTYPES`):
 
 - ``uint8`` (default): the resized frames are whole numbers in [0, 255], as in the pipelines that made
-  the public features (torchvision's ``Resize`` on PIL images, RTFM issue 21 in PROTOCOLS.md; JPEG
+  the public features (torchvision's ``Resize`` on PIL images: RTFM issue 21's ``GroupResize``, from
+  Tushar-N/pytorch-resnet3d ``utils/gtransforms.py``; JPEG
   frames resized with PIL). On the CPU this is torch's uint8 antialiased bilinear kernel, PIL's
   fixed-point algorithm (a horizontal pass rounded to uint8, then a vertical one). On the two real
   clips in ``../shared/data/videos`` with the short side resized to 256 it equals PIL on 99.8 % and

@@ -417,7 +417,9 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def score(self, bags: torch.Tensor) -> torch.Tensor:
-        """Test-time scores averaged over crops, as the authors do (PROTOCOLS.md, 'Evaluation').
+        """Test-time scores averaged over crops, as the authors' test code does.
+
+        RTFM ``test_10crop.py`` and Roc-Ng/XDVioDet ``test.py`` (``test``) take the mean over the crops.
 
         ``bags``: ``[C, S, D]`` float32 -> ``[S]`` float32 in [0, 1].
         """

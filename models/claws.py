@@ -1,9 +1,10 @@
 """CLAWS Net: clustering assisted weakly supervised learning with normalcy suppression.
 
 M. Z. Zaheer, A. Mahmood, M. Astrid, S.-I. Lee, "CLAWS: Clustering Assisted Weakly Supervised
-Learning with Normalcy Suppression for Anomalous Event Detection", ECCV 2020 (``papers/claws.txt``).
-No official code is public; every default below cites the paper or ``PROTOCOLS.md`` ('Training:
-CLAWS'), and every choice where the paper is silent is marked *our choice* and is a config setting.
+Learning with Normalcy Suppression for Anomalous Event Detection", ECCV 2020 (arXiv:2011.12077).
+No official code is public; every default below cites the paper's section (the training settings are
+all in Sec. 4.3), and every choice where the paper is silent is marked *our choice* and is a config
+setting.
 
 **Random batch selector (RBS, Sec. 3.1).** Each video's clips are cut into batches ("windows" here, to
 avoid confusion with a training step) of ``b = batch_clips = 64`` temporally consecutive clips; every
@@ -52,7 +53,7 @@ covers it. Not causal: the softmax looks at up to ``b - 1`` later clips.
 - ``L_c = min(alpha, d_i)`` for a normal video, ``1 / d_i`` for an anomalous one (Eq. 2), with
   ``d_i = ||c_1 - c_2||_2 / m_i`` (Eq. 1), ``c_1, c_2`` the centres of a 2-means clustering of the
   video's intermediate representations ``h_1`` (FC-1 output times NSM-1, Fig. 2), ``m_i`` its number of
-  clips; lambda1 = 0.9, lambda2 = 8e-5, alpha = 1.0 (Sec. 4.3; PROTOCOLS.md).
+  clips; lambda1 = 0.9, lambda2 = 8e-5, alpha = 1.0 (Sec. 4.3).
 
 **Clustering (Sec. 3.4).** "At the beginning of each training epoch" every training video's ``h_1`` is
 computed (eval mode: no dropout; per window as in training; the crops' representations averaged) and
@@ -112,10 +113,10 @@ _BANK_BUFFERS = ("centres", "counts", "assign", "order")
 
 @dataclass
 class CLAWSConfig(TrainConfig):
-    """CLAWS settings; every default cited (paper = ``papers/claws.txt``; PROTOCOLS.md 'Training: CLAWS')."""
+    """CLAWS settings; every default cited by the section of the paper (Zaheer et al., ECCV 2020)."""
 
-    iterations: int = opt(100000, "RMSProp steps (paper Sec. 4.3; PROTOCOLS.md)")
-    lr: float = opt(1e-4, "initial RMSProp learning rate (paper Sec. 4.3; PROTOCOLS.md)")
+    iterations: int = opt(100000, "RMSProp steps: 100k (paper Sec. 4.3)")
+    lr: float = opt(1e-4, "initial RMSProp learning rate (paper Sec. 4.3)")
     lr_decay_at: float = opt(
         0.8, "fraction of the iterations after which lr is multiplied by lr_decay: 80k of 100k (Sec. 4.3)"
     )
@@ -123,15 +124,15 @@ class CLAWSConfig(TrainConfig):
     weight_decay: float = opt(0.0, "RMSProp weight decay: none (the paper names none)")
     batch_abnormal: int = opt(1, "unused by CLAWS: windows are drawn regardless of label (Sec. 3.1)")
     batch_normal: int = opt(1, "unused by CLAWS: windows are drawn regardless of label (Sec. 3.1)")
-    batch_clips: int = opt(64, "batch size b: temporally consecutive clips per window (Sec. 3.1, 4.3; PROTOCOLS.md)")
+    batch_clips: int = opt(64, "batch size b: temporally consecutive clips per window (Sec. 3.1, 4.3)")
     batches_per_step: int = opt(
         1, "windows per optimisation step: one, 'in each training iteration, we arbitrarily select a batch' (Sec. 3.1)"
     )
-    hidden: tuple[int, ...] = opt((512, 32), "widths of FC modules 1 and 2 and of their NSMs (Sec. 4.3; PROTOCOLS.md)")
+    hidden: tuple[int, ...] = opt((512, 32), "widths of FC modules 1 and 2 and of their NSMs (Sec. 4.3)")
     dropout: float = opt(0.6, "dropout in each FC module; the paper gives no rate: Sultani et al.'s 0.6 (our choice)")
-    lambda1: float = opt(0.9, "lambda1 of Eq. 3: weight of L_pred, (1 - lambda1) that of L_c (Sec. 4.3; PROTOCOLS.md)")
-    lambda2: float = opt(8e-5, "lambda2 of Eq. 3: weight of L_s + L_ts (Sec. 4.3; PROTOCOLS.md)")
-    alpha: float = opt(1.0, "upper bound alpha of the normal videos' clustering loss, Eq. 2 (Sec. 4.3; PROTOCOLS.md)")
+    lambda1: float = opt(0.9, "lambda1 of Eq. 3: weight of L_pred, (1 - lambda1) that of L_c (Sec. 4.3)")
+    lambda2: float = opt(8e-5, "lambda2 of Eq. 3: weight of L_s + L_ts (Sec. 4.3)")
+    alpha: float = opt(1.0, "upper bound alpha of the normal videos' clustering loss, Eq. 2 (Sec. 4.3)")
     regression: str = choice(
         "mse", ("mse", "bce"), "L_pred: mean square error to the video label (Sec. 3.5), or binary cross-entropy"
     )

@@ -1,8 +1,8 @@
 """NG-MIL: Normality Guided Multiple Instance Learning.
 
 S. Park, H. Kim, M. Kim, D. Kim, K. Sohn, "Normality Guided Multiple Instance Learning for Weakly
-Supervised Video Anomaly Detection", WACV 2023 (``../shared/papers/ng-mil.txt``). No public code
-exists (PROTOCOLS.md, 'Training: NG-MIL'); every choice the paper leaves open is a setting of
+Supervised Video Anomaly Detection", WACV 2023. The paper links no code and we found no official
+repository; every choice the paper leaves open is a setting of
 :class:`NGMILConfig` and is listed here. The paper's implementation details (batch 32 + 32, Adam
 1e-3 / 5e-4, FC 512-128-1 with dropout 0.7, 32 segments, top-3 precision) repeat RTFM's, so where
 NG-MIL is silent we follow RTFM's set-up (``models/rtfm.py``).
@@ -108,17 +108,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NGMILConfig(TrainConfig):
-    """NG-MIL settings; every default cited (paper = ``papers/ng-mil.txt``; PROTOCOLS.md 'Training: NG-MIL')."""
+    """NG-MIL settings; every default cited by the section of the paper (Park et al., WACV 2023)."""
 
     iterations: int = opt(
         15000,
-        "Adam steps: the paper gives none; 15,000 as RTFM's code, whose set-up NG-MIL's Sec. 4.2 repeats "
-        "(PROTOCOLS.md 'Training: RTFM')",
+        "Adam steps: the paper gives none; 15,000 as RTFM's code (option.py, --max-epoch), whose set-up "
+        "NG-MIL's Sec. 4.2 repeats",
     )
-    lr: float = opt(1e-3, "Adam learning rate (paper Sec. 4.2; PROTOCOLS.md)")
-    weight_decay: float = opt(5e-4, "Adam weight decay (paper Sec. 4.2; PROTOCOLS.md)")
-    batch_abnormal: int = opt(32, "anomalous videos per batch (paper Sec. 4.2; PROTOCOLS.md)")
-    batch_normal: int = opt(32, "normal videos per batch (paper Sec. 4.2; PROTOCOLS.md)")
+    lr: float = opt(1e-3, "Adam learning rate (paper Sec. 4.2)")
+    weight_decay: float = opt(5e-4, "Adam weight decay (paper Sec. 4.2)")
+    batch_abnormal: int = opt(32, "anomalous videos per batch (paper Sec. 4.2)")
+    batch_normal: int = opt(32, "normal videos per batch (paper Sec. 4.2)")
     crops: str = choice(
         "all",
         ("all", "one"),

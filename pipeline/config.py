@@ -52,23 +52,29 @@ class DataConfig:
 
 @dataclass
 class ExtractConfig:
-    """Clip feature extraction (PROTOCOLS.md, 'Features and clips')."""
+    """Clip feature extraction, as the public feature sets were made (RTFM issues 2, 21 and 33; Roc-Ng/XDVioDet
+    README)."""
 
     backbone: str = opt("i3d_inception", "registered extractor (backbone) name; `pipeline list` prints them")
     weights: str = opt("", "local weights file overriding the download; its sha256 enters the cache key")
-    clip_len: int = opt(16, "frames per clip; clip i covers frames [16i, 16i+16) (PROTOCOLS.md)")
+    clip_len: int = opt(
+        16,
+        "frames per clip; clip i covers frames [16i, 16i+16): non-overlapping windows (RTFM issue 2; UR-DMU "
+        "feature_extract/i3d_extract.py run)",
+    )
     crops: str = choice("10", ("10", "5", "center", "none"), "spatial crops per clip")
     crop_order: str = choice(
         "torchvision",
         ("torchvision", "roc-ng"),
-        "10/5-crop order: torchvision (corners then centre) or roc-ng (centre first) (PROTOCOLS.md)",
+        "10/5-crop order: torchvision (TenCrop/FiveCrop: corners then centre; RTFM issue 33) or roc-ng (centre "
+        "first, then the corners: Roc-Ng/XDVioDet README)",
     )
     partial_clip: str = choice("pad", ("pad", "drop"), "trailing partial clip: pad by repeating the last frame, or drop")
     resize_dtype: str = choice(
         "uint8",
         ("uint8", "float32"),
         "precision of the resized frames: uint8 rounds them to whole numbers as torchvision's Resize on PIL "
-        "images did for the public features (PROTOCOLS.md, RTFM issue 21), with 1.7-4x faster preprocessing "
+        "images did for the public features (RTFM issue 21's GroupResize), with 1.7-4x faster preprocessing "
         "on the CPU; float32 keeps the antialiased resize unrounded (extractors/transforms.py)",
     )
     import_format: str = choice(
@@ -88,7 +94,8 @@ class ExtractConfig:
         0.0,
         "resample to this frame rate before cutting clips, by nearest-frame index selection (output frame j "
         "= source frame floor(j * fps / target_fps)); clip ranges stay in source frames; 0 = native rate. "
-        "Some public UCF-Crime features were taken at 30 fps from 25 fps videos (PROTOCOLS.md, RTFM issue 78)",
+        "Some public UCF-Crime features were taken at 30 fps from 25 fps videos (RTFM issue 78: 1.2x the "
+        "expected clip count)",
     )
     precision: str = choice(
         "fp32",
@@ -99,8 +106,8 @@ class ExtractConfig:
     feature_dtype: str = choice(
         "float32",
         ("float32", "float16"),
-        "dtype of the stored feature arrays: float32 as the public features (PROTOCOLS.md, RTFM's "
-        "[T, 10, 2048] float32); float16 halves the disk (loaders read either)",
+        "dtype of the stored feature arrays: float32 as the public features (RTFM's released "
+        "[T, 10, 2048] float32 .npy files); float16 halves the disk (loaders read either)",
     )
     batch_clips: int = opt(8, "clips per network forward", key=False)
     chunk_frames: int = opt(128, "frames decoded at a time (bounds memory)", key=False)
@@ -124,7 +131,7 @@ class ExtractConfig:
         ("rgb", "flow", "rgb+flow"),
         "I3D stream(s): rgb; flow (TV-L1 flow through the backbone's flow stream, `<backbone>_flow`, after "
         "the flow stage); rgb+flow = both features concatenated per clip and crop (1024+1024 = 2048-D for "
-        "Inception-I3D, AR-Net's input; PROTOCOLS.md)",
+        "Inception-I3D, AR-Net's 'I3DConc' input, AR-Net paper Sec. 3)",
     )
     flow_weights: str = opt(
         "",
@@ -208,7 +215,7 @@ class FlowConfig:
 
 @dataclass
 class SegmentConfig:
-    """Fixed-length bags of segments (PROTOCOLS.md, '32 segments')."""
+    """Fixed-length bags of segments (Sultani et al.'s Save_C3DFeatures_32Segments.m; RTFM utils.py process_feat)."""
 
     num_segments: int = opt(32, "segments per video (Sultani et al. 2018, Sec. 3.3)")
     scheme: str = choice(
@@ -222,7 +229,7 @@ class SegmentConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Frame-level evaluation (PROTOCOLS.md, 'Evaluation')."""
+    """Frame-level evaluation (RTFM test_10crop.py, test: snippet scores repeated 16 times, one ROC over all videos)."""
 
     far_threshold: float = opt(0.5, "score above which a frame of a normal video is a false alarm")
     plots: bool = opt(True, "write ROC and per-video score plots into the report", key=False)

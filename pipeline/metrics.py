@@ -1,4 +1,4 @@
-"""Frame-level metrics (PROTOCOLS.md, 'Evaluation').
+"""Frame-level metrics, computed as the authors' test code does (RTFM test_10crop.py, test).
 
 All metrics are over the concatenation of every test video's evaluated frames:
 
@@ -14,7 +14,7 @@ All metrics are over the concatenation of every test video's evaluated frames:
 - ``topk_precision``: NG-MIL's top-k precision (Park et al., "Normality Guided Multiple Instance
   Learning for Weakly Supervised Video Anomaly Detection", WACV 2023, Sec. 4.6, Eq. 12:
   TPI / (TPI + FPI) over the top-k instances of each *abnormal test video*, k = 3 as in their
-  Fig. 4; ../shared/papers/ng-mil.txt). It shows whether a MIL detector puts its highest scores on the
+  Fig. 4). It shows whether a MIL detector puts its highest scores on the
   truly anomalous instances. Computed here at snippet (16-frame clip) level; see :func:`topk_precision`.
 
 :func:`auc_from_roc` gives the area under a published ROC curve (fpr, tpr points) with the same

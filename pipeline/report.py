@@ -222,9 +222,9 @@ def write_report(
         "td.doc{color:#555;font-size:90%}img{max-width:100%}.bad{color:#b00}.miss{color:#c60}.ok{color:#070}"
         "table.v td{font-size:90%}</style></head><body>",
         "<h1>Evaluation report</h1>",
-        "<p>Frame-level metrics over all test videos (PROTOCOLS.md, 'Evaluation'). The cache keys of the "
-        "features, segments and detector they came from, and the full configuration, are at the end and in "
-        "metrics.json.</p>",
+        "<p>Frame-level metrics over all test videos, as RTFM's test_10crop.py computes them. The cache keys "
+        "of the features, segments and detector they came from, and the full configuration, are at the end "
+        "and in metrics.json.</p>",
         "<table>" + "".join(_metric_rows(metrics)) + "</table>",
     ]
     if metrics.get("missing_test_videos"):

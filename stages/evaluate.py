@@ -5,7 +5,7 @@ a clip score covers its clip's real frames; a segment score covers the frames of
 units overlap (a short video's segments repeat clips) a frame gets the mean of their scores. Frames
 no unit covers (a trailing partial clip dropped with ``extract.partial_clip=drop``) are left out of
 the metrics, as the published protocols truncate them. Crop scores are averaged per unit, as the
-authors do (PROTOCOLS.md, 'Evaluation').
+authors do (RTFM test_10crop.py and Roc-Ng/XDVioDet test.py, test: mean over the crops).
 """
 
 from __future__ import annotations

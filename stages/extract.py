@@ -1,7 +1,9 @@
 """Extract stage: decode each video in chunks and turn every 16-frame clip into crop features.
 
-Clip i covers frames ``[16 i, 16 i + 16)`` (PROTOCOLS.md, 'Features and clips'). A trailing partial
-clip is padded by repeating the last frame (``extract.partial_clip=pad``) or dropped (``drop``).
+Clip i covers frames ``[16 i, 16 i + 16)``: non-overlapping 16-frame windows, as the public features
+(RTFM issue 2; UR-DMU ``feature_extract/i3d_extract.py``). A trailing partial clip is padded by repeating
+the last frame (``extract.partial_clip=pad``, as RTFM issue 53 and UR-DMU's extractor do) or dropped
+(``drop``).
 Per video it stores ``features`` ``[T, C, D]`` (float32, or float16 with ``extract.feature_dtype``)
 and metadata: fps, frame count, each clip's real frame range ``[start, end)``, crop order, extractor
 and weights checksum, so that evaluation maps clip scores to frames without guessing.

@@ -5,13 +5,14 @@
 a network, validates it, and stores it in the usual ``[T, C, D]`` layout with clip frame ranges, so
 that ``segment``, ``train`` and ``evaluate`` run on it unchanged.
 
-Formats (PROTOCOLS.md, 'Features and clips'):
+Formats:
 
 - ``rtfm``: one ``<id>_i3d.npy`` (or ``<id>.npy``) per video, float32 ``[T, 10, 2048]``: RTFM's
   ResNet-50 I3D 10-crop features (Tian et al. 2021). The crop order is not documented upstream;
   crops are recorded as ``rtfm_0`` .. ``rtfm_9``.
 - ``roc-ng``: one file per crop, ``<id>__0.npy`` .. ``<id>__9.npy`` (5 for XD-Violence), each
-  ``[T, 1024]`` Inception-I3D; ``__0`` centre, ``__1``-``__4`` corners, then flips (Roc-Ng / XD lineage).
+  ``[T, 1024]`` Inception-I3D; ``__0`` centre, ``__1``-``__4`` corners (Roc-Ng/XDVioDet README), then
+  flips (not documented upstream; see :mod:`extractors.transforms`).
 - ``sultani``: one ``<id>.txt`` per video with 32 rows of 4,096 C3D fc6 values (already the 32
   L2-normalised segments of Sultani et al. 2018). These are segments, not clips: the segment stage
   passes them through, and their frame ranges follow Sultani's binning of the video's 16-frame clips,

@@ -23,8 +23,8 @@ i.e. the flow between consecutive frames of ``16 i .. 16 i + 16`` (17 frames), t
 the feature extractors the WS-VAD flow features come from (I3D's flow input has one field per RGB
 frame; v-iashin/video_features stacks 16 + 1 frames per flow clip). AR-Net (Wan et al. 2020, Sec. 2.1
 and 3) says only that each 16-frame clip's flow frames come from TV-L1 and that the RGB and flow
-features are concatenated (Table 3: 91.24 % AUC on ShanghaiTech); RTFM uses RGB only (PROTOCOLS.md).
-The video's last frame has no
+features are concatenated (Table 3: 91.24 % AUC on ShanghaiTech); RTFM uses RGB only (RTFM paper
+Sec. 4.2 and Tables 1-3: I3D-RGB). The video's last frame has no
 successor: where a clip would need flow ``N - 1`` the last field ``N - 2`` is repeated, and a padded
 partial clip (``extract.partial_clip=pad``) repeats its last real field as the RGB clip repeats its
 last frame.

@@ -1,6 +1,7 @@
 """Manifest builders on the real benchmark files in ``../shared/data``, plus synthetic edge cases.
 
-Counts are the published splits (``../shared/PROTOCOLS.md``, 'Dataset sizes'); the ShanghaiTech
+Counts are the published splits (UCF-Crime: Sultani et al. 2018; ShanghaiTech as reorganised by Zhong et
+al. 2019, RTFM paper Sec. 4.1; XD-Violence: Wu et al. 2020 and its dataset page); the ShanghaiTech
 frame-level ground truth is compared with RTFM's ``gt-sh.npy``.
 """
 
@@ -173,13 +174,13 @@ def test_written_manifest_loads(shared, tmp_path, name):
 
 
 def test_gt_sh_matches_rtfm(shared):
-    """Frame-level ground truth from the manifest vs RTFM's ``gt-sh.npy``, padded per PROTOCOLS.md.
+    """Frame-level ground truth from the manifest vs RTFM's ``gt-sh.npy``, padded as RTFM list/make_gt_sh.py.
 
     The 197 first videos of RTFM's test list (142,816 frames) match exactly. The file then has only
     96 frames left for the last two, 13_005 and 13_006 (385 and 457 frames: 400 + 464 padded):
     RTFM builds its ground truth from its features' lengths, and for these two normal videos the
-    features are shorter than the frame counts (PROTOCOLS.md: "for some ShanghaiTech normal videos
-    the public features have fewer clips than ceil(L/16)"). Those 96 frames are all normal, as is
+    features are shorter than the frame counts (make_gt_sh.py gives each video 16 x its feature
+    length, and these two have fewer clips than ceil(L/16)). Those 96 frames are all normal, as is
     every frame of the two videos.
     """
     sh = shared / "shanghaitech"

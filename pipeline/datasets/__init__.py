@@ -328,9 +328,9 @@ def padded_frame_labels(video: VideoRecord, n_frames: int, clip_len: int = 16) -
 
     The padding repeats the last frame's label: RTFM's frame-level ground truth (``gt-sh.npy``,
     built for its ShanghaiTech test list) pads each video this way so that every 16-frame snippet
-    score, repeated 16 times, lines up with a label (``../shared/PROTOCOLS.md``, 'Evaluation';
-    Tian et al., "Weakly-supervised Video Anomaly Detection with Robust Temporal Feature Magnitude
-    Learning", ICCV 2021). Returns ``uint8``; an empty array for ``n_frames == 0``.
+    score, repeated 16 times, lines up with a label (RTFM ``list/make_gt_sh.py``; Tian et al.,
+    "Weakly-supervised Video Anomaly Detection with Robust Temporal Feature Magnitude Learning",
+    ICCV 2021). Returns ``uint8``; an empty array for ``n_frames == 0``.
     """
     if n_frames < 0 or clip_len < 1:
         raise ValueError(f"need n_frames >= 0 and clip_len >= 1, got {n_frames}, {clip_len}")
