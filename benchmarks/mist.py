@@ -1,7 +1,10 @@
 """MIST end to end (``--method mist``): AUC before and after stage II, and the time of each step.
 
     python benchmarks/mist.py --dataset demo [--ft-epochs 4 --ft-freeze-epochs 3] [--run-dir runs/mist-demo]
-    python benchmarks/mist.py --dataset ped2 [--folds A B] [...]   # ../shared/data/ucsd_ped2
+    python benchmarks/mist.py --dataset ped2 --ft-batch-videos 2 [--folds A B] [...]   # ../shared/data/ucsd_ped2
+
+``--ft-batch-videos`` counts the videos of each class (stage II batches are class-balanced); a Ped2
+fold has 2 normal training videos, so it needs 2 there.
 
 Every step is the pipeline's own stage, run by the runner (so a rerun reuses what is cached):
 extract (Inception-I3D, Kinetics weights, ``--crops``), ``mist_generator`` (stage I), ``mist_pseudo``,
@@ -9,7 +12,8 @@ extract (Inception-I3D, Kinetics weights, ``--crops``), ``mist_generator`` (stag
 
 Reported per dataset (and fold):
 
-- ``auc_generator``: stage I's G scoring the test videos' pretrained features (before stage II);
+- ``auc_generator``: stage I's G scoring the test videos' pretrained features (before stage II),
+  and ``generator_scores``, the min / mean / max of those scores (a collapsed G scores a constant);
 - ``auc_esga``: the evaluate stage's AUC, E_SGA's main head on the re-extracted features (after);
 - ``auc_<other>_pretrained`` / ``auc_<other>_mist``: another detector (``--other``, default AR-Net
   with its documented ``short_schedule``, ``--other-iterations`` steps) trained on the pretrained
@@ -48,10 +52,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 log = logging.getLogger("benchmarks.mist")
 
 
-def frame_auc(model: torch.nn.Module, features: dict[str, tuple[dict, np.ndarray]], gt: dict[str, np.ndarray]) -> float:
-    """Frame-level ROC AUC of ``model``'s clip scores over the concatenated test videos."""
-    from sklearn.metrics import roc_auc_score
-
+def frame_scores(model: torch.nn.Module, features: dict[str, tuple[dict, np.ndarray]],
+                 gt: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``model``'s frame scores and the ground truth over the concatenated test videos (covered frames)."""
     from stages.evaluate import frames_from_units, score_units
 
     scores, truth = [], []
@@ -60,7 +63,20 @@ def frame_auc(model: torch.nn.Module, features: dict[str, tuple[dict, np.ndarray
         s, covered = frames_from_units(units, unit_frames, int(meta["n_frames"]))
         scores.append(s[covered])
         truth.append(gt[vid][covered])
-    return float(roc_auc_score(np.concatenate(truth), np.concatenate(scores)))
+    return np.concatenate(scores), np.concatenate(truth)
+
+
+def frame_auc(model: torch.nn.Module, features: dict[str, tuple[dict, np.ndarray]], gt: dict[str, np.ndarray]) -> float:
+    """Frame-level ROC AUC of ``model``'s clip scores over the concatenated test videos."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, truth = frame_scores(model, features, gt)
+    return float(roc_auc_score(truth, scores))
+
+
+def score_range(scores: np.ndarray) -> dict[str, float]:
+    """Min, mean and max of G's test scores: a G collapsed to one constant score (e.g. all 0) shows here."""
+    return {"min": round(float(scores.min()), 6), "mean": round(float(scores.mean()), 6), "max": round(float(scores.max()), 6)}
 
 
 def load_split(sd, videos) -> dict[str, tuple[dict, np.ndarray]]:
@@ -80,6 +96,7 @@ def other_detector_auc(name: str, iterations: int, seed: int, train: dict, label
         setattr(cfg, k, v)
     cfg.batch_abnormal = min(cfg.batch_abnormal, sum(labels.values()))
     cfg.batch_normal = min(cfg.batch_normal, len(labels) - sum(labels.values()))
+    cfg.seed = seed  # batch orders drawn from the config's seed follow the run's seed too
     bank = ClipBank.from_videos([f for _, f in train.values()], [labels[v] for v in train], list(train))
     torch.manual_seed(seed)
     model = DETECTORS.get(name, feature_dim=int(bank.features.shape[-1]), cfg=cfg)
@@ -110,8 +127,12 @@ def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int,
     gt = {v.id: np.asarray(v.frame_labels(int(ext.load_meta(v.id)["n_frames"])), np.uint8) for v in test_v}
     g = load_detector(StageDir(reports["mist_generator"].path))
     labels = {v.id: v.label for v in train_v}
+    g_scores, g_truth = frame_scores(g, load_split(ext, test_v), gt)
+    from sklearn.metrics import roc_auc_score
+
     out = {
-        "auc_generator": frame_auc(g, load_split(ext, test_v), gt),
+        "auc_generator": float(roc_auc_score(g_truth, g_scores)),
+        "generator_scores": score_range(g_scores),
         "auc_esga": reports["evaluate"].summary["auc"],
         "seconds": {name: round(r.seconds, 1) for name, r in reports.items()},
         "total_seconds": round(total, 1),
@@ -199,7 +220,9 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1000, help="stage I generator steps")
     p.add_argument("--ft-epochs", type=int, default=4)
     p.add_argument("--ft-freeze-epochs", type=int, default=3)
-    p.add_argument("--ft-batch-videos", type=int, default=10)
+    p.add_argument("--ft-batch-videos", type=int, default=5,
+                   help="videos of EACH class per stage II batch (train.ft_batch_videos; before commit 366507a it "
+                        "counted both classes together: 5 here is the 10 videos per batch of the earlier runs)")
     p.add_argument("--other", default="ar_net")
     p.add_argument("--other-iterations", type=int, default=300)
     p.add_argument("--other-seeds", type=int, nargs="*", default=None, help="seeds of the other detector (default: train.seed)")

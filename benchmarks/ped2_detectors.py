@@ -1,6 +1,6 @@
 """Every detector on real I3D features of UCSD Ped2, with a weakly labelled two-fold split.
 
-    python benchmarks/ped2_detectors.py [--crops center] [--iterations 1000] [--seeds 0 1 2]
+    python benchmarks/ped2_detectors.py [--crops center] [--resize-dtype uint8] [--iterations 1000] [--seeds 0 1 2]
                                         [--methods NAME ...] [--folds A B] [--diagnose]
                                         [--run-dir runs/ped2-bench] [--json OUT]
 
@@ -70,7 +70,7 @@ def ped2_intervals() -> dict[str, list[tuple[int, int]]]:
     return out
 
 
-def extract_features(run_dir: Path, crops: str) -> dict[str, tuple[dict, np.ndarray]]:
+def extract_features(run_dir: Path, crops: str, resize_dtype: str = "uint8") -> dict[str, tuple[dict, np.ndarray]]:
     """Run the pipeline's extract stage on the 12 clips; clip id -> (metadata, features ``[T, C, D]``)."""
     from pipeline.config import build_config
     from pipeline.runner import Context, Runner
@@ -83,7 +83,8 @@ def extract_features(run_dir: Path, crops: str) -> dict[str, tuple[dict, np.ndar
         w.writerow(["id", "path", "split", "label", "class", "intervals"])
         for cid, iv in ped2_intervals().items():
             w.writerow([cid, f"testing/frames/{cid}", "test", 1, "Anomaly", ";".join(f"{s}-{e}" for s, e in iv)])
-    cfg = build_config(sets=[f"data.manifest={manifest}", f"data.root={PED2}", f"extract.crops={crops}"])
+    cfg = build_config(sets=[f"data.manifest={manifest}", f"data.root={PED2}", f"extract.crops={crops}",
+                             f"extract.resize_dtype={resize_dtype}"])
     runner = Runner(Context(cfg, run_dir, progress=True), all_stages())
     report = runner.run(["extract"])[0]
     if report.failed:
@@ -137,6 +138,7 @@ def train(name: str, bank, iterations: int, seed: int, short: bool, log_every: i
         for k, v in cls.short_schedule.items():
             setattr(cfg, k, v)
     cfg.iterations = iterations
+    cfg.seed = seed  # batch orders drawn from the config's seed (RTFM's loader_draw) follow the run's seed too
     torch.manual_seed(seed)
     model = DETECTORS.get(name, feature_dim=int(bank.features.shape[-1]), cfg=cfg)
 
@@ -203,6 +205,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--crops", default="center", choices=("center", "5", "10"))
+    p.add_argument("--resize-dtype", default="uint8", choices=("uint8", "float32"),
+                   help="extract.resize_dtype of the features (float32: the features of runs before commit 08b4cb7)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--short-schedule", action="store_true",
@@ -216,7 +220,7 @@ def main() -> None:
     if not PED2.is_dir():
         raise SystemExit(f"{PED2}: UCSD Ped2 data not found (set VAD_SHARED_DATA)")
     t0 = time.time()
-    clips = extract_features(a.run_dir, a.crops)
+    clips = extract_features(a.run_dir, a.crops, a.resize_dtype)
     extract_s = time.time() - t0
     intervals = ped2_intervals()
     ids = sorted(clips)
@@ -247,6 +251,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "crops": a.crops,
+        "resize_dtype": a.resize_dtype,
         "iterations": a.iterations,
         "short_schedule": a.short_schedule,
         "seeds": a.seeds,
