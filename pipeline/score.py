@@ -454,7 +454,9 @@ class RunScorer:
             "extractor": {"name": getattr(self.extractor, "registry_name", ex.backbone),
                           "weights_sha256": self.extractor.weights_checksum,
                           "encoder": str(self.encoder.resolve()) if self.encoder is not None else None,
-                          "crops": ex.crops, "crop_order": ex.crop_order, "clip_len": ex.clip_len,
+                          # a fine-tuned MIST encoder brings its own test-time input (whole frame: "none")
+                          "crops": getattr(self.extractor, "input_crops", None) or ex.crops,
+                          "crop_order": ex.crop_order, "clip_len": ex.clip_len,
                           "partial_clip": ex.partial_clip},
             "segment": {"scheme": seg.scheme, "num_segments": seg.num_segments} if self.input_level == "segments" else None,
             "clip_ranges": [list(r) for r in sv.clip_ranges],

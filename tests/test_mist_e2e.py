@@ -152,5 +152,6 @@ def _assert_scored_as_evaluated(capsys, video: Path, run_dir: Path, out: Path, e
     capsys.readouterr()
     doc = json.loads((out / f"{video.stem}.json").read_text())
     assert doc["extractor"]["name"] == extractor
+    assert doc["extractor"]["crops"] == "none"  # the official test-time input: whole frame, no crop (not extract.crops)
     scores = np.array([np.nan if s is None else s for s in doc["scores"]], np.float64)
     np.testing.assert_allclose(scores, evaluated, atol=1e-4)
