@@ -246,6 +246,7 @@ class SGAExtractor:
     of ``extract.crops``. Without one (``train.ft_test_input=extract``) it is the base extractor's
     resize and ``extract.crops``. Pixel scaling: the ``input_norm`` (mean, std) stage II trained with
     (``train.ft_input_norm=official``, MIST's I3D ``(x - 128) / 128``), else the base extractor's.
+    Resize rule: the one stage II trained with (:attr:`resize_dtype`, OpenCV's by default).
 
     Args:
         base: the extract stage's extractor of ``encoder["backbone"]``, built on ``device``.
@@ -271,6 +272,9 @@ class SGAExtractor:
         if test_input.get("resize"):
             self.resize = tuple(test_input["resize"])
         self.pointwise_normalize = getattr(base, "pointwise_normalize", True)
+        #: the resize rule stage II trained with (``"opencv"``; None: the run's extract.resize_dtype),
+        #: which the extract path (``stages.extract.network_input``) uses in place of the run's
+        self.resize_dtype: str | None = saved.get("resize_dtype")
         norm = saved.get("input_norm")
         self.input_norm: tuple[float, float] | None = (float(norm[0]), float(norm[1])) if norm else None
         self.registry_name = f"{base.registry_name}+mist_sga"

@@ -27,6 +27,12 @@ Resize precision (``extract.resize_dtype``, :data:`RESIZE_DTYPES`):
   also 1.7-4x faster than ``float32`` (resize, crops and normalisation: ``BENCHMARKS.md``).
 - ``float32``: frames become float32 first and the antialiased resize is not rounded (10-16 % of
   the values differ from PIL's, by under 1).
+- ``opencv``: OpenCV's ``cv2.resize(..., INTER_LINEAR)``: bilinear from the four nearest pixels with
+  no antialiasing (a downscale skips pixels), rounded to whole numbers; the resize of pipelines built
+  on OpenCV (MIST's ``opencv_videovision/functional.py`` ``resize``, used by its
+  ``datasets/dataset.py``). Float32 arithmetic here, where OpenCV's uint8 kernel uses 11-bit fixed
+  point, so about 10 % of the values differ from OpenCV's, by 1 (``tests/test_transforms.py``); the
+  antialiased rules differ from it by about 15 on average where a downscale meets fine detail.
 
 :func:`resize_frames` and :func:`spatial_crops` work on one clip; :func:`preprocess_clips` is the
 extract stage's batched path: uint8 clips already on the network's device are resized there (the
@@ -53,7 +59,7 @@ RESIZE_MAX_ELEMENTS_CUDA = 2**28
 _CORNERS = ("tl", "tr", "bl", "br")
 
 #: values of ``extract.resize_dtype`` (module docstring)
-RESIZE_DTYPES = ("uint8", "float32")
+RESIZE_DTYPES = ("uint8", "float32", "opencv")
 
 
 def crop_names(crops: str, order: str = "torchvision") -> list[str]:
@@ -147,6 +153,7 @@ def _resize(frames: torch.Tensor, size: tuple[int, int], dtype: str) -> torch.Te
       rounds its passes.
     - ``"float32"``: float32, planar, unrounded (clamped to [0, 255]). The planar kernel runs about
       1.8x faster on the CPU than the channels-last one, with bit-identical values.
+    - ``"opencv"``: float32, planar, whole numbers: bilinear without antialiasing, rounded half up.
     """
     if dtype not in RESIZE_DTYPES:
         raise ValueError(f"unknown resize dtype {dtype!r}; expected one of {RESIZE_DTYPES}")
@@ -158,7 +165,12 @@ def _resize(frames: torch.Tensor, size: tuple[int, int], dtype: str) -> torch.Te
     x.copy_(frames.permute(0, 3, 1, 2))
     if dtype == "uint8":
         return _rounded_passes(x, size)
-    return _interpolate(x, size).clamp_(0, 255) if tuple(size) != (h, w) else x
+    if tuple(size) == (h, w):
+        return x
+    if dtype == "opencv":
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return x.add_(0.5).floor_().clamp_(0, 255)
+    return _interpolate(x, size).clamp_(0, 255)
 
 
 def _rounded_passes(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -245,7 +257,7 @@ def preprocess_clips(
             shape, device and layout, at least as many rows (the result is then a view of its first
             rows). Reusing one buffer across batches spares the allocation and, on the CPU, the
             page faults of touching a fresh 10-crop batch (770 MB for 8 clips at 224x224).
-        resize_dtype: resize precision, ``"uint8"`` or ``"float32"`` (module docstring).
+        resize_dtype: resize rule, ``"uint8"``, ``"float32"`` or ``"opencv"`` (module docstring).
         normalize_in_place: ``normalize`` done in place on the float32 tensor it is given (the
             extractor's ``normalize_``): then a pointwise normalisation runs on float frames this
             function owns (one scratch tensor reused by every piece) or on the output's crops,

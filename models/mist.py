@@ -222,6 +222,13 @@ class MistConfig(TrainConfig):
         "cropped to the backbone's crop (C3D recipes: Test_Dataset_SHT_C3D / _C3D, 128x171 then 112); extract = "
         "the extract stage's resize and extract.crops, scores averaged over the crops",
     )
+    ft_resize: str = choice(
+        "official", ("official", "extract"),
+        "resize rule of the fine-tuned encoder's frames (training clips, re-extraction, scoring): official = "
+        "OpenCV's bilinear without antialiasing (extract.resize_dtype=opencv), as the authors' datasets resize "
+        "(datasets/dataset.py through opencv_videovision/functional.py resize, cv2.INTER_LINEAR); extract = the "
+        "extract stage's extract.resize_dtype",
+    )
     ft_input_norm: str = choice(
         "official", ("official", "extractor"),
         "pixel scaling of the fine-tuned encoder's input (training clips, re-extraction, scoring): official = the "

@@ -72,10 +72,12 @@ class ExtractConfig:
     partial_clip: str = choice("pad", ("pad", "drop"), "trailing partial clip: pad by repeating the last frame, or drop")
     resize_dtype: str = choice(
         "uint8",
-        ("uint8", "float32"),
-        "precision of the resized frames: uint8 rounds them to whole numbers as torchvision's Resize on PIL "
-        "images did for the public features (RTFM issue 21's GroupResize), with 1.7-4x faster preprocessing "
-        "on the CPU; float32 keeps the antialiased resize unrounded (extractors/transforms.py)",
+        ("uint8", "float32", "opencv"),
+        "resize rule of the frames: uint8 rounds the antialiased bilinear resize to whole numbers as "
+        "torchvision's Resize on PIL images did for the public features (RTFM issue 21's GroupResize), with "
+        "1.7-4x faster preprocessing on the CPU; float32 keeps it unrounded; opencv is OpenCV's "
+        "cv2.resize INTER_LINEAR, bilinear without antialiasing, rounded (pipelines built on OpenCV, e.g. "
+        "MIST's datasets/dataset.py) (extractors/transforms.py)",
     )
     import_format: str = choice(
         "",

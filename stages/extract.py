@@ -268,9 +268,11 @@ def network_input(extractor: Any, clips: torch.Tensor, crops: str, order: str, r
     """:func:`extractors.transforms.preprocess_clips` of uint8 ``[B, T, H, W, 3]`` clips with the
     extractor's geometry and normalisation (in place where it has ``normalize_``, after the crops
     where it is not pointwise); ``layout``: ``memory_format``, ``max_elements``, ``buffer``.
-    Returns ``[B * C, 3, T, s, s]`` float32 on the clips' device."""
+    An extractor with its own ``resize_dtype`` (a fine-tuned MIST encoder, whose recipe resizes as
+    OpenCV does) overrides the run's. Returns ``[B * C, 3, T, s, s]`` float32 on the clips' device."""
     from extractors.transforms import preprocess_clips
 
+    resize_dtype = getattr(extractor, "resize_dtype", None) or resize_dtype
     return preprocess_clips(
         clips, extractor.resize, extractor.crop_size, crops, order,
         normalize=extractor.normalize,
@@ -596,7 +598,7 @@ def extract_video(ctx: Any, extractor: Any, path: Any) -> tuple[np.ndarray, dict
         "frame_selection": "floor(j * fps / target_fps)" if info["target_fps"] else "all frames",
         "crops": info["crops"],
         "crop_setting": info["crop_setting"],
-        "resize_dtype": cfg.resize_dtype,
+        "resize_dtype": getattr(extractor, "resize_dtype", None) or cfg.resize_dtype,
         "extractor": extractor.registry_name,
         "weights_sha256": extractor.weights_checksum,
         "feature_dim": int(feats.shape[-1]),

@@ -181,6 +181,7 @@ class Stage2Settings:
     test_crops: str | None
     test_size: tuple[int, int]
     input_norm: tuple[float, float] | None
+    resize_dtype: str | None
 
 
 #: the values of the recipe-dependent stage II settings per official script (fjchange/MIST_VAD):
@@ -230,6 +231,8 @@ def stage2_settings(cfg: Any, backbone: str) -> Stage2Settings:
         test_size=parse_size(cfg.ft_test_size, "ft_test_size") if cfg.ft_test_size else r["test_size"],
         # the C3D recipes' scaling is the C3D extractor's own (None: use the extractor's)
         input_norm=r["input_norm"] if cfg.ft_input_norm == "official" else None,
+        # every recipe's frames go through cv2.resize (None: the extract stage's extract.resize_dtype)
+        resize_dtype="opencv" if cfg.ft_resize == "official" else None,
     )
 
 
@@ -545,7 +548,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
         while pos < len(order):
             t0 = time.perf_counter()
             x, y = sample_training_batch(videos, order[pos], s, extractor, ext.clip_len, ctx.cfg.data.folder_fps,
-                                         ext.resize_dtype, device, gen)
+                                         s.resize_dtype or ext.resize_dtype, device, gen)
             stepping = pos % s.accumulate == 0
             terms = finetune_step(model, optimizer, scaler, x, y, w_a, w_n, autocast, lambda_guided=s.lambda_guided,
                                   step=stepping, grad_clip=s.grad_clip)
@@ -566,7 +569,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     atomic_torch_save(out.path / "encoder.pt", {
         "backbone": ext.backbone, "expand_k": s.expand_k, "clip_len": ext.clip_len, "bn_scale": s.bn_scale,
         "feature_dim": model.feature_dim, "state_dict": state, "test_input": test_input, "recipe": s.recipe,
-        "input_norm": list(s.input_norm) if s.input_norm is not None else None,
+        "input_norm": list(s.input_norm) if s.input_norm is not None else None, "resize_dtype": s.resize_dtype,
     })
     head = DETECTORS.get("mist", feature_dim=model.feature_dim, cfg=cfg)
     head.set_head(model.head)

@@ -139,6 +139,9 @@ def test_recipe_defaults_per_backbone():
     # Normalize(mean 128, std 128) of the I3D datasets; the C3D datasets' BGR mean is the C3D extractor's own
     assert (i3d.input_norm, c3d.input_norm, ucf.input_norm) == ((128.0, 128.0), None, None)
     assert stage2_settings(MistConfig(ft_input_norm="extractor"), "i3d_inception").input_norm is None
+    # every recipe's frames go through cv2.resize (opencv_videovision/functional.py, INTER_LINEAR)
+    assert (i3d.resize_dtype, c3d.resize_dtype, ucf.resize_dtype) == ("opencv",) * 3
+    assert stage2_settings(MistConfig(ft_resize="extract"), "i3d_inception").resize_dtype is None
     # explicit settings win over the recipe
     mine = stage2_settings(MistConfig(ft_batch_videos=4, ft_accumulate=1, ft_class_weights="frequency", ft_test_input="extract"), "i3d_inception")
     assert (mine.batch_videos, mine.accumulate, mine.class_weights, mine.test_crops) == (4, 1, "frequency", None)
@@ -374,11 +377,20 @@ def test_test_time_input_is_the_whole_frame_at_240x320(tmp_path):
     atomic_torch_save(tmp_path / "encoder.pt", {
         "backbone": "i3d_inception", "expand_k": 8, "clip_len": 16, "feature_dim": 1024,
         "state_dict": model.state_dict(), "test_input": {"resize": ["fixed", *s.test_size], "crops": s.test_crops},
-        "input_norm": list(s.input_norm)})
+        "input_norm": list(s.input_norm), "resize_dtype": s.resize_dtype})
     base = SimpleNamespace(registry_name="i3d_inception", device="cpu", resize=("short", 256), crop_size=224, clip_len=16,
                            model=InceptionI3d(), normalize=lambda x: x / 127.5 - 1)
     sga = SGAExtractor(base, tmp_path / "encoder.pt")
-    assert sga.resize == ("fixed", 240, 320) and sga.input_crops == "none"
+    assert sga.resize == ("fixed", 240, 320) and sga.input_crops == "none" and sga.resize_dtype == "opencv"
+    # the extract path resizes with the encoder's rule, not the run's extract.resize_dtype
+    from extractors.transforms import resize_frames
+    from stages.extract import network_input
+
+    frames = torch.randint(0, 256, (1, 2, 480, 640, 3), dtype=torch.uint8)
+    plain = SimpleNamespace(resize=("fixed", 240, 320), crop_size=224, normalize=lambda x: x)
+    for ext, rule in ((plain, "uint8"), (SimpleNamespace(**vars(plain), resize_dtype="opencv"), "opencv")):
+        got = network_input(ext, frames, "none", "torchvision", "uint8")
+        torch.testing.assert_close(got[0].permute(1, 0, 2, 3), resize_frames(frames[0], ("fixed", 240, 320), rule))
     pixels = torch.tensor([0.0, 64.0, 128.0, 255.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 1, 1).contiguous()
     expect = torch.tensor([-1.0, -0.5, 0.0, 127.0 / 128.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 1, 1)
     torch.testing.assert_close(sga.normalize(pixels), expect)  # (x - 128) / 128, not x / 127.5 - 1

@@ -92,6 +92,27 @@ def test_uint8_resize_is_pils_and_the_float_passes_match_it(size: tuple[int, int
         resize_frames(frames, ("short", 256), "float16")
 
 
+@pytest.mark.parametrize("size", [(256, 340), (128, 171), (240, 320), (300, 400)], ids=["mist-i3d", "c3d", "same", "up"])
+def test_opencv_resize_is_cv2_inter_linear(size: tuple[int, int]) -> None:
+    """``resize_dtype="opencv"`` gives ``cv2.resize(INTER_LINEAR)``'s values (within OpenCV's
+    fixed-point rounding), on frames downscaled 1.9x without antialiasing, the way MIST's datasets
+    resize ShanghaiTech's 480x856 frames to 256x340."""
+    import cv2
+    import numpy as np
+
+    frames = smooth_frames(3, 480, 856)
+    frames[:, ::2, ::2] = 255 - frames[:, ::2, ::2]  # pixel-level detail, where antialiasing matters
+    out = resize_frames(frames, ("fixed", *size), "opencv")
+    assert out.dtype == torch.float32 and torch.equal(out, out.round())
+    ref = torch.stack([torch.from_numpy(cv2.resize(f.numpy(), size[::-1], interpolation=cv2.INTER_LINEAR))
+                       for f in frames]).permute(0, 3, 1, 2).float()
+    diff = (out - ref).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.15  # OpenCV's 11-bit fixed point against float32
+    smooth = resize_frames(frames, ("fixed", *size), "uint8")  # the antialiased rule is another resize
+    if size[0] < 480:
+        assert (smooth - ref).abs().mean() > 10 * diff.mean()
+
+
 def reference_input(clips: torch.Tensor, crops: str, order: str, normalize, dtype: str = "uint8") -> torch.Tensor:
     """The per-clip path: resize each clip, cut its crops, then normalise: ``[B*C, 3, T, s, s]``."""
     out = [spatial_crops(resize_frames(c, ("short", 40), dtype), 32, crops, order).permute(0, 2, 1, 3, 4)
@@ -102,7 +123,7 @@ def reference_input(clips: torch.Tensor, crops: str, order: str, normalize, dtyp
 @pytest.mark.parametrize("crops,order", [("10", "torchvision"), ("10", "roc-ng"), ("5", "torchvision"), ("center", "torchvision")])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "cl3d"])
 @pytest.mark.parametrize("max_elements", [1, 5 * 36 * 44 * 3, 2**22], ids=["frame", "5frames", "clips"])
-@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "opencv"])
 def test_preprocess_clips_equals_the_per_clip_path(crops: str, order: str, memory_format, max_elements: int,
                                                    dtype: str) -> None:
     """Bit for bit, whatever the resize precision, the piece size (single frames, runs of frames,
