@@ -117,9 +117,10 @@ class RTFMConfig(TrainConfig):
     )
     checkpoint: str = opt(
         "",
-        "state dict saved by the official RTFM Model (torch.save(model.state_dict()), e.g. the released "
-        "ckpt/rtfm_final_ucf.pkl): the train stage loads it with strict key matching instead of training; "
-        "its sha256 enters the cache key",
+        "state dict saved by the official RTFM Model (main.py: torch.save(model.state_dict()) as "
+        "ckpt/<model_name>final.pkl; e.g. the 'checkpoint for ShanghaiTech' / 'checkpoint for Ucf-crime' "
+        "files linked from the RTFM README): the train stage loads it with strict key matching instead of "
+        "training; its sha256 enters the cache key",
         key=False,
     )
 
