@@ -153,6 +153,9 @@ def cmd_run(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None
     from pipeline import distributed
 
     cfg = _resolve(args, preset)
+    from pipeline.config import check_devices
+
+    check_devices(cfg)  # a device this machine lacks is a configuration error: exit 2, before any work
     ctx = Context(cfg, args.run_dir, progress=not args.quiet)
     _ = ctx.manifest  # validate the manifest before any work
     dist = distributed.from_env()  # under torchrun: this process's rank (see pipeline/distributed.py)

@@ -433,6 +433,37 @@ def build_config(
     return cfg
 
 
+DEVICE_SECTIONS = ("extract", "flow", "train")
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """Refuse, before any work, a ``*.device`` this machine does not have: ``cuda`` or ``cuda:N``
+    without that CUDA device, or a name that is none of ``auto``, ``cpu``, ``cuda[:N]``.
+
+    Not part of :func:`build_config`: ``pipeline status`` and ``config`` read a run's saved config
+    on whatever machine, and devices never change an artifact (they are not in the cache keys).
+
+    Raises:
+        ConfigError: naming the setting, its value and what the machine has.
+    """
+    for section in DEVICE_SECTIONS:
+        value = str(getattr(cfg, section).device)
+        if value in ("auto", "cpu"):
+            continue
+        name, _, index = value.partition(":")
+        if name != "cuda" or (index and not index.isdigit()):
+            raise ConfigError(f"{section}.device={value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{section}.device={value!r}: this machine has no CUDA device "
+                              f"(torch {torch.__version__}); use 'auto' or 'cpu'")
+        if index and int(index) >= count:
+            raise ConfigError(f"{section}.device={value!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (``train.method`` included), loadable with ``--config``."""
     d = cfg.to_dict()

@@ -66,3 +66,22 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_yaml(f)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("setting", ["train.device=cuda", "extract.device=cuda:0", "flow.device=cuda"])
+def test_a_device_the_machine_lacks_is_a_config_error_before_any_work(tmp_path, capsys, monkeypatch, setting):
+    """Issue 19: ``--set train.device=cuda`` without CUDA was a 14-line traceback and exit 1."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run_dir = tmp_path / "run"
+    code = main(["-q", "run", "--run-dir", str(run_dir), "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{setting.partition('=')[0]}=" in err and "no CUDA device" in err
+    assert not run_dir.exists()
+
+
+def test_a_device_name_that_is_not_one_is_a_config_error(tmp_path, capsys):
+    code = main(["-q", "run", "--run-dir", str(tmp_path / "run"), "--set", "train.device=gpu"])
+    assert code == 2 and "train.device='gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
