@@ -198,6 +198,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.runner import Context, Runner
     from stages import all_stages
 
+    if not args.run_dir.is_dir():
+        # a mistyped run directory is not a run that was "never run"
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{args.run_dir}: no such run directory")
     cfg = _resolve(args, use_saved=True)
     runner = Runner(Context(cfg, args.run_dir, progress=False), all_stages())
     for row in runner.status():

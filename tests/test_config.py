@@ -85,3 +85,9 @@ def test_a_device_the_machine_lacks_is_a_config_error_before_any_work(tmp_path, 
 def test_a_device_name_that_is_not_one_is_a_config_error(tmp_path, capsys):
     code = main(["-q", "run", "--run-dir", str(tmp_path / "run"), "--set", "train.device=gpu"])
     assert code == 2 and "train.device='gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+
+
+def test_status_of_a_mistyped_run_directory_is_an_error(tmp_path, capsys):
+    """Issue 19: ``pipeline status --run-dir`` with a typo printed "missing, never run" and exit 0."""
+    code = main(["status", "--run-dir", str(tmp_path / "runs" / "deom")])
+    assert code == 2 and "deom: no such run directory" in capsys.readouterr().err
