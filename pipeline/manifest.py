@@ -140,8 +140,13 @@ def load_manifest(source: str | Path, root: str | Path | None = None, check_file
     root_path = Path(root) if root else source.parent
     videos: list[VideoRecord] = []
     seen: dict[str, int] = {}
-    with source.open(newline="", encoding="utf-8") as fh:
-        lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip() and not line.lstrip().startswith("#")]
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would otherwise
+    # glue itself to the first header ("\ufeffid") and fail with two headers that look identical
+    try:
+        with source.open(newline="", encoding="utf-8-sig") as fh:
+            lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save it as CSV UTF-8") from None
     if not lines:
         raise ManifestError(f"{source}: empty manifest (no header)")
     header_line, header_text = lines[0]

@@ -73,3 +73,14 @@ def test_write_then_load_round_trip(tmp_path):
     write(tmp_path, "")
     write_manifest(vids, tmp_path / "out.csv")
     assert load_manifest(tmp_path / "out.csv").videos == vids
+
+
+def test_a_spreadsheet_byte_order_mark_is_read_and_latin1_is_a_clear_error(tmp_path):
+    """Issue 19: a manifest saved as "CSV UTF-8" by a spreadsheet starts with a BOM, which made the
+    header check fail with two headers that looked identical."""
+    m = write(tmp_path, "a,a.mp4,train,1,Fighting,\n")
+    m.write_bytes(b"\xef\xbb\xbf" + m.read_bytes())
+    assert [v.id for v in load_manifest(m).videos] == ["a"]
+    m.write_bytes(HEADER.encode() + "a,a.mp4,train,1,Caf\u00e9,\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match="m.csv: not UTF-8 text"):
+        load_manifest(m)
