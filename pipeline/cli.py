@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from importlib import resources
@@ -39,6 +40,16 @@ def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/de
                    help=f"where the run's config, cache and reports live (default: {run_dir_default})")
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), or 'unknown' when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wsvad-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -46,30 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # -q / -v also after the command (`pipeline run -q ...`); SUPPRESS keeps a flag given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a stage and whatever it needs that is not up to date",
+    run = sub.add_parser("run", parents=[common], help="run a stage and whatever it needs that is not up to date",
                          description="Run a stage (and its out-of-date upstream stages). Finished work "
                          "is reused from the cache; a rerun after a crash resumes.")
     run.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="stage to run (default: all)")
     run.add_argument("--force", action="store_true", help="recompute the named stage(s) even if cached")
     _add_config_args(run)
 
-    st = sub.add_parser("status", help="show each stage's state (done / partial / stale / missing) and why",
+    st = sub.add_parser("status", parents=[common], help="show each stage's state (done / partial / stale / missing) and why",
                         description="Without --config/--set, uses the config the last run in the run "
                         "directory saved (RUN_DIR/config.yaml).")
     _add_config_args(st)
 
-    demo = sub.add_parser("demo", help="generate the demo dataset and run every stage on it (CPU, minutes)",
+    demo = sub.add_parser("demo", parents=[common], help="generate the demo dataset and run every stage on it (CPU, minutes)",
                           description="Runs all stages on the generated demo dataset with the demo preset "
                           "(pipeline/demo.yaml), then prints the frame-level AUC and the report's path.")
     demo.add_argument("--force", action="store_true", help="recompute every stage")
     _add_config_args(demo, run_dir_default="runs/demo")
 
-    man = sub.add_parser("manifest", help="build a manifest from a benchmark's own annotation files",
+    man = sub.add_parser("manifest", parents=[common], help="build a manifest from a benchmark's own annotation files",
                          description="Build a manifest (data_manifests/README.md) for a downloaded benchmark.")
     man_sub = man.add_subparsers(dest="manifest_command", required=True, metavar="ACTION")
-    mb = man_sub.add_parser("build", help="read a dataset's split/annotation files and write a manifest",
+    mb = man_sub.add_parser("build", parents=[common], help="read a dataset's split/annotation files and write a manifest",
                             description="Read a dataset's own split and annotation files and write a manifest; "
                             "videos listed but missing under --root are reported.")
     mb.add_argument("dataset", choices=("ucf-crime", "shanghaitech", "xd-violence", "ucsd-ped2"))
@@ -78,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder holding the split and annotation files (default: searched under --root)")
     mb.add_argument("--out", type=Path, default=None, help="manifest to write (default: ./<dataset>.csv)")
 
-    imp = sub.add_parser("import-features", help="register published precomputed features as extracted features",
+    imp = sub.add_parser("import-features", parents=[common], help="register published precomputed features as extracted features",
                          description="Read published feature files (RTFM [T,10,2048] .npy; Roc-Ng per-crop "
                          "__0..__9 .npy; Sultani 32x4096 .txt) for every video of a manifest and store them as the "
                          "extract stage's artifacts, so that segment, train and evaluate run on them unchanged.")
@@ -89,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="re-import even if already imported")
     _add_config_args(imp, run_dir_default="runs/default")
 
-    score = sub.add_parser("score", help="score new videos with a trained run (per-frame CSV/JSON + plot)",
+    score = sub.add_parser("score", parents=[common], help="score new videos with a trained run (per-frame CSV/JSON + plot)",
                            description="Score videos or frame folders with the extractor and trained detector "
                            "of an existing run directory.")
     score.add_argument("videos", nargs="+", type=Path, help="video files or JPEG/PNG frame folders")
@@ -98,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--online", action="store_true",
                        help="emit scores clip by clip while decoding (causal detectors only)")
 
-    sub.add_parser("list", help="list registered extractors and detectors",
+    sub.add_parser("list", parents=[common], help="list registered extractors and detectors",
                    description="List the registered extractors and detectors.")
 
-    cfg = sub.add_parser("config", help="print the resolved configuration with each key's meaning",
+    cfg = sub.add_parser("config", parents=[common], help="print the resolved configuration with each key's meaning",
                          description="Print the resolved configuration (defaults + files + --set).")
     _add_config_args(cfg)
     return parser
@@ -130,9 +147,10 @@ def demo_preset() -> dict[str, Any]:
 
 def _print_reports(reports: list) -> int:
     failed = []
-    print(f"\n{'stage':<10} {'state':<9} {'computed':>8} {'cached':>7} {'failed':>7} {'seconds':>8}")
+    w = max([10] + [len(r.stage) for r in reports])  # mist_generator, mist_explain, ... stay aligned
+    print(f"\n{'stage':<{w}} {'state':<9} {'computed':>8} {'cached':>7} {'failed':>7} {'seconds':>8}")
     for r in reports:
-        print(f"{r.stage:<10} {r.state:<9} {r.computed:>8} {r.cached:>7} {len(r.failed):>7} {r.seconds:>8.1f}")
+        print(f"{r.stage:<{w}} {r.state:<9} {r.computed:>8} {r.cached:>7} {len(r.failed):>7} {r.seconds:>8.1f}")
         failed += r.failed
     for r in reports:
         if r.stage == "evaluate" and r.summary.get("auc") is not None:
@@ -277,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`pipeline config | head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 2
 
 
