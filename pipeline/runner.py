@@ -699,7 +699,8 @@ class Runner:
                     n_done = len(sd.complete_items())
                     n_all = len(stage.videos(self.ctx))
                     n_fail = len(sd.failures())
-                    row["why"] = f"{n_done}/{n_all} videos complete, {n_fail} failed (see {sd.failures_file.name}); rerun to finish"
+                    failed = f"{n_fail} failed (see {sd.failures_file})" if n_fail else "none failed"
+                    row["why"] = f"{n_done}/{n_all} videos complete, {failed}; rerun to finish"
                     if n_done:
                         fps[name] = self.output_fingerprint(name, sd)
                 else:

@@ -121,6 +121,8 @@ def test_rerun_computes_only_missing_items_and_force_redoes(dataset, tmp_path):
     (items / ".train5.features.npy.abc.tmp").write_bytes(b"\x93NUMPY half")
     status = {r["stage"]: r for r in make_runner(dataset, tmp_path).status()}
     assert status["extract"]["state"] == "partial" and "11/12" in status["extract"]["why"]
+    # no failures.jsonl was written, so none is pointed to (issue 19)
+    assert "none failed" in status["extract"]["why"] and "failures.jsonl" not in status["extract"]["why"]
 
     again = by_stage(make_runner(dataset, tmp_path).run(["extract"]))["extract"]
     assert again.computed == 1 and again.cached == 11
