@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
 
     st = sub.add_parser("status", parents=[common], help="show each stage's state (done / partial / stale / missing) and why",
-                        description="Without --config/--set, uses the config the last run in the run "
-                        "directory saved (RUN_DIR/config.yaml).")
+                        description="Starts from the config the last run in the run directory saved "
+                        "(RUN_DIR/config.yaml) unless --config is given; --set and --method apply on top "
+                        "(with another --method, the saved training settings are left out).")
     _add_config_args(st)
 
     demo = sub.add_parser("demo", parents=[common], help="generate the demo dataset and run every stage on it (CPU, minutes)",
@@ -119,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    description="List the registered extractors and detectors.")
 
     cfg = sub.add_parser("config", parents=[common], help="print the resolved configuration with each key's meaning",
-                         description="Print the resolved configuration (defaults + files + --set).")
+                         description="Print the resolved configuration (defaults + files + --set). With "
+                         "an existing --run-dir and no --config, starts from the config its last run saved, "
+                         "as status does.")
     _add_config_args(cfg)
     return parser
 
@@ -133,8 +136,14 @@ def _resolve(args: argparse.Namespace, preset: list[dict[str, Any]] | None = Non
     from pipeline.config import build_config, load_yaml
 
     layers = list(preset or [])
-    if use_saved and not args.config and (args.run_dir / "config.yaml").is_file():
-        layers.append(load_yaml(args.run_dir / "config.yaml"))
+    saved = args.run_dir / "config.yaml"
+    if use_saved and not args.config and saved.is_file():
+        layer = load_yaml(saved)
+        if args.method and str((layer.get("train") or {}).get("method")) != args.method:
+            # the saved train section holds another detector's settings: keep the data, extract and
+            # segment sections, and take --method's own training defaults
+            layer = {k: v for k, v in layer.items() if k != "train"}
+        layers.append(layer)
     layers += [load_yaml(f) for f in args.config]
     return build_config(layers, args.sets, args.method)
 
@@ -249,7 +258,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from pipeline.config import describe
 
-    cfg = _resolve(args)
+    cfg = _resolve(args, use_saved=True)
+    if not args.config and (args.run_dir / "config.yaml").is_file():
+        print(f"# from {args.run_dir / 'config.yaml'} (the run directory's saved config), then --set / --method")
     print(f"train.method = {cfg.train.method}")
     for key, value, doc in describe(cfg):
         print(f"{key} = {value!r}" + (f"    # {doc}" if doc else ""))

@@ -27,3 +27,20 @@ def test_summary_table_stays_aligned_with_long_stage_names(capsys):
     assert _print_reports([report("extract"), report("mist_generator"), report("evaluate")]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len({line.index(" done") if "done" in line else line.index(" state") for line in rows}) == 1
+
+
+def test_status_and_config_start_from_the_saved_config_and_another_method_drops_its_training(tmp_path, capsys):
+    """Issue 19: `pipeline status --method mist` on a run saved by sultani_mil failed with "unknown
+    config key 'train.lambda_smooth'"; `pipeline config --run-dir RUN` ignored the saved config."""
+    from pipeline.config import build_config, dump_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = build_config(sets=["data.manifest=my.csv", "train.lambda_smooth=0.5"], method="sultani_mil")
+    (run_dir / "config.yaml").write_text(dump_config(saved))
+    assert main(["config", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "data.manifest = 'my.csv'" in out and "train.lambda_smooth = 0.5" in out
+    assert main(["config", "--run-dir", str(run_dir), "--method", "mist"]) == 0
+    out = capsys.readouterr().out
+    assert "train.method = mist" in out and "data.manifest = 'my.csv'" in out and "lambda_smooth = 0.0" in out
