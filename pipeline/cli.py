@@ -180,11 +180,16 @@ def cmd_run(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None
     from pipeline import distributed
 
     cfg = _resolve(args, preset)
-    from pipeline.config import check_devices
+    from pipeline.config import ConfigError, check_devices
+    from pipeline.runner import StageError, check_writable
 
     check_devices(cfg)  # a device this machine lacks is a configuration error: exit 2, before any work
     ctx = Context(cfg, args.run_dir, progress=not args.quiet)
     _ = ctx.manifest  # validate the manifest before any work
+    try:
+        check_writable(args.run_dir)  # a read-only run directory: one line, exit 2, before any work
+    except StageError as e:
+        raise ConfigError(str(e)) from None
     dist = distributed.from_env()  # under torchrun: this process's rank (see pipeline/distributed.py)
     if dist is not None and not dist.is_main:
         ctx.progress = False

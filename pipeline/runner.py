@@ -391,7 +391,7 @@ class Runner:
         Under torchrun (``dist``), see :mod:`pipeline.distributed`: ranks other than 0 return once
         the per-video stages are done.
         """
-        self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.ctx.run_dir)
         lock, busy = None, None
         if self._main:
             lock = open(self.ctx.run_dir / ".lock", "w")
@@ -759,6 +759,23 @@ def _progress(items: list[VideoRecord], desc: str, enabled: bool) -> Iterator[Vi
     yield from progress_bar(items, enabled, desc=desc, unit="video")
 
 
+def check_writable(run_dir: Path, what: str = "the run directory") -> None:
+    """Create ``run_dir`` if needed and make sure files can be written in it, before any work.
+
+    Raises:
+        StageError: one line naming the directory and the reason (a read-only mount, no permission,
+            a file in the way).
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        hint = "choose another with --run-dir" if what == "the run directory" else "choose another"
+        raise StageError(f"{run_dir}: {what} cannot be written ({e.strerror or e}); {hint}") from None
+
+
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when a GPU is present, else 'cpu'."""
     if name != "auto":
@@ -770,6 +787,7 @@ def resolve_device(name: str) -> str:
 
 __all__ = [
     "Context",
+    "check_writable",
     "CorruptArtifact",
     "Runner",
     "Stage",

@@ -517,6 +517,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "scores"
+    from pipeline.runner import StageError, check_writable
+
+    try:
+        check_writable(out_dir, "the output folder")  # before any video is decoded, not after its features
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     used: set[str] = set()
     failures: list[tuple[Path, str]] = []
     for path in args.videos:
