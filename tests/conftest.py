@@ -20,6 +20,22 @@ def shared_data() -> Path | None:
 
 
 @pytest.fixture
+def read_only_mount(monkeypatch):
+    """Writes into any folder fail as on a read-only mount (EROFS) where the pipeline probes for it
+    (``pipeline.runner.check_writable``); root, which runs CI, ignores permission bits."""
+    import errno
+
+    real_write = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(".write-test"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+@pytest.fixture
 def shared() -> Path:
     path = shared_data()
     if path is None:

@@ -46,26 +46,15 @@ def test_status_and_config_start_from_the_saved_config_and_another_method_drops_
     assert "train.method = mist" in out and "data.manifest = 'my.csv'" in out and "lambda_smooth = 0.0" in out
 
 
-def test_a_run_directory_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
-    """Issue 19: a read-only run directory ended in a traceback at `.lock`, and `score` computed the
-    features first, then blamed the video."""
-    import errno
-    from pathlib import Path
-
+def test_a_run_directory_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, request):
+    """Issue 19: a read-only run directory ended in a traceback at `.lock`."""
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("not a directory")
     assert main(["-q", "run", "--run-dir", str(in_the_way / "run"), "--stage", "extract"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the run directory cannot be written" in err and str(in_the_way) in err
 
-    real_write = Path.write_bytes
-
-    def read_only(self, data):  # root ignores permission bits: simulate a read-only mount
-        if self.name.startswith(".write-test"):
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_write(self, data)
-
-    monkeypatch.setattr(Path, "write_bytes", read_only)
+    request.getfixturevalue("read_only_mount")
     run_dir = tmp_path / "ro"
     run_dir.mkdir()
     assert main(["-q", "run", "--run-dir", str(run_dir), "--stage", "extract"]) == 2

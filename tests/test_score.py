@@ -321,22 +321,13 @@ def test_flow_modality_run_is_refused(run, data, tmp_path, capsys):
     _one_line_error(err, str(cfg), "rgb+flow", "extract.modality", "RGB features only")
 
 
-def test_an_output_folder_that_cannot_be_written_fails_before_decoding(run, data, tmp_path, capsys, monkeypatch):
+def test_an_output_folder_that_cannot_be_written_fails_before_decoding(run, data, tmp_path, capsys, monkeypatch,
+                                                                       read_only_mount):
     """Issue 19: with a read-only output folder, score computed the features first, then failed blaming the video."""
-    import errno
-
     import pipeline.score as score_module
 
     decoded = []
     monkeypatch.setattr(score_module.RunScorer, "score", lambda self, *a, **k: decoded.append(a) or None)
-    real_write = Path.write_bytes
-
-    def read_only(self, payload):  # root ignores permission bits: simulate a read-only mount
-        if self.name.startswith(".write-test"):
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_write(self, payload)
-
-    monkeypatch.setattr(Path, "write_bytes", read_only)
     code, out, err = _score(capsys, data.parent / "test0.mp4", "--run-dir", run, "--out", tmp_path / "ro")
     assert code == 2 and not decoded
     assert "ro: the output folder cannot be written (Read-only file system)" in err and err.count("\n") == 1
