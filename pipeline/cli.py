@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("videos", nargs="+", type=Path, help="video files or JPEG/PNG frame folders")
     score.add_argument("--run-dir", required=True, type=Path, help="a run directory with a trained detector")
     score.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/scores)")
+    score.add_argument("--method", default=None,
+                       help="which of the run's trained detectors scores (the latest trained with that method; "
+                       "default: the latest trained detector, whatever its method)")
     score.add_argument("--online", action="store_true",
                        help="emit scores clip by clip while decoding (causal detectors only)")
 

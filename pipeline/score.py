@@ -144,7 +144,7 @@ class RunScorer:
         ScoreError: see the module docstring.
     """
 
-    def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
+    def __init__(self, run_dir: str | Path, device: str | None = None, method: str | None = None) -> None:
         from pipeline.config import ConfigError, build_config, load_yaml
         from pipeline.runner import resolve_device
 
@@ -164,10 +164,14 @@ class RunScorer:
             self.latest: dict[str, str] = json.loads(latest_path.read_text()) if latest_path.is_file() else {}
         except (OSError, ValueError) as e:
             raise ScoreError(f"{latest_path}: unreadable: {_one_line(e)}") from None
-        if "train" not in self.latest:
+        if method is not None and method != self.cfg.train.method:
+            self.train_dir = self._train_dir_of(method)
+            self.cfg = self._training_config(method)
+        elif "train" not in self.latest:
             raise ScoreError(f"{self.run_dir}: no trained detector (latest.json names no train stage); run "
                              f"`pipeline run --stage train --run-dir {self.run_dir}` first")
-        self.train_dir = self.run_dir / self.latest["train"]
+        else:
+            self.train_dir = self.run_dir / self.latest["train"]
         self.model_path = self.train_dir / "model.pt"
         if not self.model_path.is_file():
             raise ScoreError(f"{self.model_path}: no trained detector (model.pt missing); run "
@@ -225,6 +229,37 @@ class RunScorer:
         self.model_device = str(next(self.model.parameters()).device)
         self.causal = bool(getattr(self.model, "causal", False))
         self.input_level = self.model.input_level
+
+    # -- choosing among the run's detectors ----------------------------------------------------
+    def _train_dir_of(self, method: str) -> Path:
+        """The train stage folder of the latest detector trained with ``method`` in this run directory."""
+        found: dict[str, list[Path]] = {}
+        for model in (self.run_dir / "cache" / "train").glob("*/model.pt"):
+            try:
+                m = str(torch.load(model, map_location="cpu", weights_only=True)["method"])
+            except Exception:  # an unreadable model cannot be chosen; the others still can
+                continue
+            found.setdefault(m, []).append(model)
+        if method not in found:
+            have = ", ".join(sorted(found)) or "none"
+            raise ScoreError(f"{self.run_dir}: no detector trained with --method {method} (trained here: {have})")
+        return max(found[method], key=lambda p: p.stat().st_mtime).parent
+
+    def _training_config(self, method: str) -> Any:
+        """The config ``method``'s detector was trained with (its checkpoint's record), else the run's
+        saved config with that method's training defaults (the saved train section is another's)."""
+        from pipeline.config import ConfigError, build_config, load_yaml
+
+        ckpt = self.train_dir / "checkpoint.pt"
+        try:
+            if ckpt.is_file():
+                recorded = torch.load(ckpt, map_location="cpu", weights_only=True).get("config")
+                if recorded:
+                    return build_config([recorded])
+            saved = load_yaml(self.run_dir / "config.yaml")
+            return build_config([{k: v for k, v in saved.items() if k != "train"}], method=method)
+        except (ConfigError, OSError, RuntimeError) as e:
+            raise ScoreError(f"{self.train_dir}: cannot read the config {method} was trained with: {_one_line(e)}") from None
 
     # -- consistency ---------------------------------------------------------------------------
     def _run_extract_meta(self) -> dict[str, Any] | None:
@@ -509,7 +544,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.video import VideoDecodeError
 
     try:
-        scorer = RunScorer(args.run_dir)
+        scorer = RunScorer(args.run_dir, method=getattr(args, "method", None))
         if args.online and not scorer.causal:
             raise ScoreError(f"{scorer.model_path}: detector {scorer.method!r} cannot run causally, so it has no "
                              "online mode; score without --online")

@@ -331,3 +331,22 @@ def test_an_output_folder_that_cannot_be_written_fails_before_decoding(run, data
     code, out, err = _score(capsys, data.parent / "test0.mp4", "--run-dir", run, "--out", tmp_path / "ro")
     assert code == 2 and not decoded
     assert "ro: the output folder cannot be written (Read-only file system)" in err and err.count("\n") == 1
+
+
+def test_method_chooses_among_the_detectors_trained_in_one_run_directory(data, tmp_path, capsys):
+    """Issue 19: score took whatever detector ran last; --method picks the run's latest of that method."""
+    register_clip_detector()
+    run_dir = tmp_path / "both"
+    make_runner(data, run_dir).run(["evaluate"])  # sultani_mil
+    make_runner(data, run_dir, ["train.method=test_clip_mil"]).run(["evaluate"])  # the latest
+    video = data.parent / "test0.mp4"
+    for method, expected in ((None, "test_clip_mil"), ("sultani_mil", "sultani_mil"), ("test_clip_mil", "test_clip_mil")):
+        out = tmp_path / f"o_{method}"
+        code, _, err = _score(capsys, video, "--run-dir", run_dir, "--out", out, *(["--method", method] if method else []))
+        assert code == 0, err
+        doc = json.loads((out / "test0.json").read_text())
+        assert doc["method"] == expected and doc["model"].endswith("model.pt")
+    sultani = json.loads((tmp_path / "o_sultani_mil" / "test0.json").read_text())
+    assert sultani["units"]["level"] == "segments"  # scored as its own training: 32-segment bags
+    code, _, err = _score(capsys, video, "--run-dir", run_dir, "--method", "ar_net")
+    assert code == 2 and "no detector trained with --method ar_net (trained here: sultani_mil, test_clip_mil)" in err
