@@ -22,11 +22,14 @@ this module never loads it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
 import re
+import sys
+import tempfile
 import threading
 from collections.abc import Iterable
 from fractions import Fraction
@@ -160,10 +163,14 @@ class DecordVideo(VideoSource):
     def _open(self, path: Path) -> Any:
         import decord  # lazily: training code never imports decord
 
-        try:
-            return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=self._num_threads)
-        except Exception as exc:
-            raise VideoDecodeError(f"{path}: not a readable video: {_short(exc)}") from exc
+        with _native_stderr() as native:
+            try:
+                return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=self._num_threads)
+            except Exception as exc:
+                failure = exc
+        # decord's own message is "Error reading <path>..."; the reason is in its C++ log line
+        reason = _native_reason(native[0]) or _short(failure)
+        raise VideoDecodeError(f"{path}: not a readable video: {reason}") from failure
 
     def close(self) -> None:
         self._reader = None
@@ -564,6 +571,35 @@ def _float_or_nan(fn: Any) -> float:
         return float(fn())
     except Exception:
         return float("nan")
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[list[str]]:
+    """Collect what native code writes to file descriptor 2 meanwhile (decord's C++ ``LOG(ERROR)``
+    lines, FFmpeg's messages), so that a failure is reported once, in the tool's own line; the
+    collected text is in the yielded list afterwards. Other threads' stderr output of that moment
+    (a progress bar) is collected too, so it wraps only the opening of a file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    collected: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield collected
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            collected.append(sink.read().decode("utf-8", errors="replace"))
+
+
+def _native_reason(text: str) -> str:
+    """The reason in decord's log line ``...video_reader.cc:86: ERROR opening: <path>, <reason>``, or ''."""
+    for line in reversed(text.splitlines()):
+        m = re.search(r"ERROR opening: .*?, (.+)$", line)
+        if m:
+            return m.group(1).strip()
+    return ""
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -303,3 +303,17 @@ def test_folder_decoding_threads_give_the_same_frames_and_first_error(tmp_path, 
     for threads in (1, 4):
         with pytest.raises(VideoDecodeError, match=r"011\.jpg: image is 32x24"):
             read_chunks(FrameFolder(folder, threads=threads), 16)
+
+
+def test_an_unreadable_file_is_one_line_of_the_tools_own(tmp_path, capfd):
+    """Issue 19: decord's C++ log line (``video_reader.cc:86: ERROR opening ...``) and FFmpeg's
+    appeared beside the tool's message, whose reason was cut to "Error reading <path>..."."""
+    from pipeline.video import VideoDecodeError, open_video
+
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video\n")
+    with pytest.raises(VideoDecodeError) as e:
+        open_video(bad)
+    assert str(e.value) == f"{bad}: not a readable video: Invalid data found when processing input"
+    out, err = capfd.readouterr()
+    assert "video_reader.cc" not in err and "moov atom" not in err and err == ""
