@@ -248,6 +248,7 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
     val = None
     if cfg.selection == "val":
         bank, val = split_validation(bank, cfg.val_fraction, cfg.seed)
+    warn_small_training_set(cfg, int(bank.abnormal_index.numel()), int(bank.normal_index.numel()))
     bank.features = bank_on_device(bank.features, device, cfg.mmap_over_gb)
     feature_dim = int(bank.features.shape[-1])
 
@@ -416,6 +417,17 @@ def _write_log(out: StageDir, rows: list[dict[str, float]]) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out.path / "train_log.csv", buf.getvalue())
+
+
+def warn_small_training_set(cfg: Any, n_abnormal: int, n_normal: int) -> None:
+    """Say so when a batch asks for more videos of a class than the training set has: the published
+    batch sizes (30-40 of each class) are for UCF-Crime and ShanghaiTech, and on a small dataset every
+    batch then repeats videos (or is all of them), which changes what the loss sees (issue 19)."""
+    for name, want, have in (("batch_abnormal", cfg.batch_abnormal, n_abnormal), ("batch_normal", cfg.batch_normal, n_normal)):
+        if want > have:
+            log.warning("train.%s=%d asks for more videos than the %d %s training videos; every batch repeats "
+                        "videos or holds all of them (set train.%s=%d or fewer for a small dataset)", name, want,
+                        have, "anomalous" if name == "batch_abnormal" else "normal", name, have)
 
 
 def load_detector(train_dir: StageDir, device: str = "cpu") -> torch.nn.Module:

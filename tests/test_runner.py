@@ -296,3 +296,16 @@ def test_training_and_evaluation_never_import_decord(dataset, tmp_path):
     ).format(tests=str(Path(__file__).parent), run=str(tmp_path), sets=[f"data.manifest={dataset}", *SETTINGS])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_batch_larger_than_the_training_set_is_warned(caplog):
+    """Issue 19: the published batches (30-40 videos of each class) silently repeat videos on a small dataset."""
+    import logging
+    from types import SimpleNamespace
+
+    from stages.train import warn_small_training_set
+
+    with caplog.at_level(logging.WARNING, logger="stages.train"):
+        warn_small_training_set(SimpleNamespace(batch_abnormal=30, batch_normal=4), n_abnormal=6, n_normal=4)
+    assert len(caplog.records) == 1
+    assert "train.batch_abnormal=30 asks for more videos than the 6 anomalous training videos" in caplog.text
