@@ -33,7 +33,7 @@ from pipeline.cache import atomic_torch_save, atomic_write_bytes
 from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
 
 from .extract import ExtractStage, extract_video
-from .train import _load_checkpoint, _rng_state, _set_rng_state, _write_log, load_detector, train_detector
+from .train import _load_checkpoint, _rng_state, _set_rng_state, _write_log, load_detector, train_detector, write_model
 
 log = logging.getLogger(__name__)
 
@@ -573,11 +573,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     })
     head = DETECTORS.get("mist", feature_dim=model.feature_dim, cfg=cfg)
     head.set_head(model.head)
-    atomic_torch_save(out.path / "model.pt", {
-        "method": cfg.method, "feature_dim": model.feature_dim, "input_level": head.input_level,
-        "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-        "train_config": ctx.cfg.to_dict()["train"], "selected_step": len(rows),
-    })
+    write_model(out, ctx, head, head.state_dict(), len(rows))
     _write_log(out, rows)
     return {"epochs": s.epochs, "batches": len(rows), "final_loss": rows[-1]["total"] if rows else None,
             "train_videos": len(videos), "recipe": s.recipe, "class_weights": [w_a, w_n],
