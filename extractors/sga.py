@@ -55,6 +55,15 @@ def scale_input_(clips: torch.Tensor, mean_std: tuple[float, float]) -> torch.Te
     return clips.sub_(mean).div_(std)
 
 
+def normalize_input(clips: torch.Tensor, input_norm: tuple[float, float] | None, base: Any) -> torch.Tensor:
+    """E_SGA's input scaling of ``[N, 3, T, H, W]`` clips in [0, 255], the same in stage II training and
+    re-extraction: ``(x - mean) / std`` for ``input_norm`` (a float32 copy; :func:`scale_input_`),
+    else the base extractor's ``normalize``."""
+    if input_norm is not None:
+        return scale_input_(clips.to(torch.float32, copy=True), input_norm)
+    return base.normalize(clips)
+
+
 def backbone_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``M_{b-4}`` and the final map of ``backbone`` for clips ``x`` ``[N, 3, T, H, W]`` (see module docstring)."""
     if hasattr(backbone, "forward_maps"):
@@ -292,9 +301,7 @@ class SGAExtractor:
         return self._checksum
 
     def normalize(self, clips: torch.Tensor) -> torch.Tensor:
-        if self.input_norm is not None:
-            return scale_input_(clips.to(torch.float32, copy=True), self.input_norm)
-        return self.base.normalize(clips)
+        return normalize_input(clips, self.input_norm, self.base)
 
     def normalize_(self, clips: torch.Tensor) -> torch.Tensor:
         """:meth:`normalize` in place: the stage II scaling, or the base extractor's in-place

@@ -436,7 +436,7 @@ def sample_training_batch(videos: list[dict[str, Any]], ids: list[int], s: Stage
     labelled by :func:`jitter_label` (normal videos 0), resized to ``train_size``, augmented
     (:func:`augment_clips`) and normalised by the extractor. Returns ``x`` ``[N, 3, T, s, s]``
     float32 and ``y`` ``[N]`` float32 on ``device``, ``N = len(ids) * clips_per_video``."""
-    from extractors.sga import scale_input_
+    from extractors.sga import normalize_input
     from extractors.transforms import preprocess_clips
 
     xs, ys = [], []
@@ -451,8 +451,7 @@ def sample_training_batch(videos: list[dict[str, Any]], ids: list[int], s: Stage
         resized = preprocess_clips(torch.from_numpy(raw).to(device), ("fixed", *s.train_size), extractor.crop_size,
                                    "none", resize_dtype=resize_dtype)  # [K, 3, T, H, W] in [0, 255]
         xs.append(augment_clips(resized, extractor.crop_size, gen, s.grayscale, s.augment == "official"))
-    x = torch.cat(xs)
-    x = scale_input_(x.float(), s.input_norm) if s.input_norm is not None else extractor.normalize(x)
+    x = normalize_input(torch.cat(xs), s.input_norm, extractor)
     return x, torch.tensor(ys, dtype=torch.float32, device=device)
 
 
