@@ -232,12 +232,16 @@ class RunScorer:
 
     # -- choosing among the run's detectors ----------------------------------------------------
     def _train_dir_of(self, method: str) -> Path:
-        """The train stage folder of the latest detector trained with ``method`` in this run directory."""
+        """The train stage folder of the latest detector trained with ``method`` in this run directory.
+
+        Each folder's method is read from its ``stage.json`` (the inputs of its cache key), so that
+        choosing never loads every trained model's weights."""
         found: dict[str, list[Path]] = {}
         for model in (self.run_dir / "cache" / "train").glob("*/model.pt"):
             try:
-                m = str(torch.load(model, map_location="cpu", weights_only=True)["method"])
-            except Exception:  # an unreadable model cannot be chosen; the others still can
+                inputs = json.loads((model.parent / "stage.json").read_text())["inputs"]
+                m = str(inputs["config"]["train.method"])
+            except (OSError, ValueError, KeyError, TypeError):  # unreadable: not choosable; the others still are
                 continue
             found.setdefault(m, []).append(model)
         if method not in found:
