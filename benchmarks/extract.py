@@ -19,7 +19,7 @@ Videos default to the real clips in ``../shared/data/videos``. Two parts:
      ``TenCrop`` / ``FiveCrop`` / ``CenterCrop``), convert to tensors and scale to [-1, 1], giving
      the same ``[C, 3, 16, 224, 224]`` float32 network input per clip. Reported with and without
      the dump (the dump is paid once per video, the read-back at every extraction).
-   - **our path**: :func:`stages.extract.iter_clip_features` with a network-free extractor of
+   - **our path**: :func:`extractors.stream.iter_clip_features` with a network-free extractor of
      Inception-I3D's geometry (decord decoding in the background thread, batched resize + crops
      + normalisation, ``extract.batch_clips`` clips per batch), on the CPU; also with decoding in
      the calling thread (``extract.prefetch_batches=0``); the ratio uses the better of the two.
@@ -183,8 +183,8 @@ def our_preprocessing(video: Path, crops: str, batch_clips: int, prefetch: int,
     """Our decode + preprocessing path without a network; returns (seconds, frames, stats). Every
     call uses the same extractor, as the stage does across a run's videos, so the first call (the
     warm-up) pays the allocation of the network-input buffer and later calls reuse it."""
-    from pipeline.config import build_config
-    from stages.extract import iter_clip_features
+    from stages.config import build_config
+    from extractors.stream import iter_clip_features
 
     cfg = build_config(sets=[f"extract.crops={crops}", f"extract.batch_clips={batch_clips}",
                              f"extract.prefetch_batches={prefetch}", "extract.partial_clip=drop",
@@ -199,14 +199,14 @@ def our_cpu_side(video: Path, batch_clips: int) -> tuple[float, int]:
     """What the CPU does in our path when the network is on a GPU: decode and pack uint8 clip
     batches (the decode thread's work; resize, crops and scaling then run on the GPU). Returns
     (seconds, frames)."""
-    from pipeline.video import open_video
-    from stages.extract import _BufferPool, _clip_batches
+    from pipeline.core.video import open_video
+    from extractors.stream import BufferPool, clip_batches
 
     t0 = time.perf_counter()
     n = 0
     with open_video(video) as src:
-        pool = _BufferPool(pin_memory=False, keep=4)
-        for item in _clip_batches(src, 16, batch_clips, 128, "drop", None, pool, None):
+        pool = BufferPool(pin_memory=False, keep=4)
+        for item in clip_batches(src, 16, batch_clips, 128, "drop", None, pool, None):
             frames = getattr(item, "frames", None)
             if frames is not None:
                 n += frames.shape[0] * frames.shape[1]
@@ -301,9 +301,9 @@ def count_flops(extractor: Any) -> float:
 
 def time_backbone(extractor: Any, video: Path, crops: str, n_clips: int, batch_clips: int, precision: str) -> dict[str, Any]:
     """Run ``n_clips`` clips of ``video`` (after a warm-up batch) and return the timings."""
-    from pipeline.config import build_config
-    from pipeline.video import open_video
-    from stages.extract import iter_clip_features
+    from stages.config import build_config
+    from pipeline.core.video import open_video
+    from extractors.stream import iter_clip_features
 
     cfg = build_config(sets=[f"extract.crops={crops}", f"extract.batch_clips={min(batch_clips, n_clips)}",
                              f"extract.precision={precision}", "extract.partial_clip=drop"])
@@ -379,7 +379,7 @@ def main() -> None:
                    help="extract.resize_dtype of our path: a row each (default uint8, the config default)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from pipeline.runner import resolve_device
+    from pipeline.core.runner import resolve_device
 
     videos = a.videos or sorted((ROOT.parent / "shared" / "data" / "videos").glob("*.mp4"))
     if not videos:
@@ -387,7 +387,7 @@ def main() -> None:
     device = resolve_device(a.device)
     log.info("machine: %s", machine_line())
     for v in videos:
-        from pipeline.video import open_video
+        from pipeline.core.video import open_video
 
         with open_video(v) as src:
             log.info("video: %s, %dx%d, %g fps, %d frames", v.name, src.width, src.height, src.fps, src.num_frames)

@@ -6,7 +6,7 @@ Generates (once; kept in ``--dir``) synthetic 320x240, 30 fps H.264 videos of th
 (1 h = 108,000 frames; PyAV / libx264, preset ultrafast, a textured background scrolling under a
 moving square, so that every frame differs), then extracts each one in a fresh process with a cheap
 extractor (per-crop channel means and frame differences, 8-D: the point is the decode, clip and
-preprocessing path, not the network) through :func:`stages.extract.extract_video`, the extract
+preprocessing path, not the network) through :func:`extractors.stream.extract_video`, the extract
 stage's own code. Per length it reports the wall time and the process's peak resident memory
 (``ru_maxrss``) next to its resident memory just before extracting (imports and extractor loaded),
 so the difference is what the extraction itself held at most. ``--geometry native`` (default) skips
@@ -78,8 +78,8 @@ def child(video: Path, crops: str, prefetch: int, geometry: str) -> None:
     import torch
 
     from extractors.base import ClipExtractor
-    from pipeline.config import build_config
-    from stages.extract import extract_video
+    from stages.config import build_config
+    from extractors.stream import extract_video
 
     class MeanExtractor(ClipExtractor):
         """8-D: per-channel mean, mean absolute frame difference, per-channel std, a constant."""

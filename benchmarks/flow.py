@@ -36,7 +36,7 @@ def load_gray(video: Path, n: int, start: int = 0) -> np.ndarray:
     import cv2
 
     from extractors.flow import to_gray
-    from pipeline.video import open_video
+    from pipeline.core.video import open_video
 
     frames = []
     with open_video(video) as src:

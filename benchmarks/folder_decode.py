@@ -1,4 +1,4 @@
-"""Decoding speed of JPEG/PNG frame folders (``pipeline.video.FrameFolder``) against the number of
+"""Decoding speed of JPEG/PNG frame folders (``pipeline.core.video.FrameFolder``) against the number of
 decoding threads.
 
     python benchmarks/folder_decode.py [FOLDER ...] [--threads 1 2 4 8] [--chunk 128] [--repeat 3]
@@ -29,7 +29,7 @@ log = logging.getLogger("bench_folder_decode")
 
 def read_all(folders: list[Path], threads: int, chunk: int) -> tuple[float, int]:
     """Seconds and frames to read every folder with ``threads`` decoding threads."""
-    from pipeline.video import FrameFolder
+    from pipeline.core.video import FrameFolder
 
     t0 = time.perf_counter()
     n = 0
@@ -40,7 +40,7 @@ def read_all(folders: list[Path], threads: int, chunk: int) -> tuple[float, int]
 
 
 def main() -> None:
-    from pipeline.video import FOLDER_DECODE_THREADS
+    from pipeline.core.video import FOLDER_DECODE_THREADS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="*", type=Path)

@@ -106,13 +106,14 @@ def other_detector_auc(name: str, iterations: int, seed: int, train: dict, label
 
 def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int, other_seeds: list[int] | None = None) -> dict:
     """The MIST chain through the runner; AUCs before/after and each stage's seconds."""
-    from pipeline.config import build_config
-    from pipeline.runner import Context, Runner
+    from stages.config import build_config
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
     from stages import all_stages
     from stages.train import load_detector
 
     cfg = build_config(sets=sets, method="mist")
-    ctx = Context(cfg, run_dir, progress=False)
+    ctx = make_context(cfg, run_dir, progress=False)
     runner = Runner(ctx, all_stages())
     t0 = time.time()
     reports = {r.stage: r for r in runner.run(["evaluate"])}
@@ -120,7 +121,7 @@ def run_chain(run_dir: Path, sets: list[str], other: str, other_iterations: int,
     failed = [f for r in reports.values() for f in r.failed]
     if failed:
         raise SystemExit(f"stages failed: {failed}")
-    from pipeline.runner import StageDir
+    from pipeline.core.store import StageDir
 
     test_v, train_v = ctx.manifest.split("test"), ctx.manifest.split("train")
     ext, mext = StageDir(reports["extract"].path), StageDir(reports["mist_extract"].path)

@@ -72,8 +72,9 @@ def ped2_intervals() -> dict[str, list[tuple[int, int]]]:
 
 def extract_features(run_dir: Path, crops: str, resize_dtype: str = "uint8") -> dict[str, tuple[dict, np.ndarray]]:
     """Run the pipeline's extract stage on the 12 clips; clip id -> (metadata, features ``[T, C, D]``)."""
-    from pipeline.config import build_config
-    from pipeline.runner import Context, Runner
+    from stages.config import build_config
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
     from stages import all_stages
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,11 +86,11 @@ def extract_features(run_dir: Path, crops: str, resize_dtype: str = "uint8") -> 
             w.writerow([cid, f"testing/frames/{cid}", "test", 1, "Anomaly", ";".join(f"{s}-{e}" for s, e in iv)])
     cfg = build_config(sets=[f"data.manifest={manifest}", f"data.root={PED2}", f"extract.crops={crops}",
                              f"extract.resize_dtype={resize_dtype}"])
-    runner = Runner(Context(cfg, run_dir, progress=True), all_stages())
+    runner = Runner(make_context(cfg, run_dir, progress=True), all_stages())
     report = runner.run(["extract"])[0]
     if report.failed:
         raise SystemExit(f"extract failed for {report.failed}")
-    from pipeline.runner import StageDir
+    from pipeline.core.store import StageDir
 
     sd = StageDir(report.path)
     out = {}

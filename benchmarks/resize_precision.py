@@ -11,7 +11,7 @@ Videos default to the real clips in ``../shared/data/videos``. Per video:
    ``float32`` resize. Reported: the share of values that differ from PIL (or from the CPU uint8
    kernel) by more than 0.5 (for whole numbers: at all), the mean and the largest difference.
 2. Unless ``--no-features`` or the Inception-I3D weights are not cached: the real network's centre-
-   crop features of the whole video with each setting (``stages.extract.extract_video``), compared
+   crop features of the whole video with each setting (``extractors.stream.extract_video``), compared
    clip by clip (relative L2 difference, cosine similarity).
 """
 
@@ -40,7 +40,7 @@ def pil_resize(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 def part_values(video: Path, n_frames: int) -> None:
     from extractors.transforms import _rounded_passes, resize_frames, resized_size
-    from pipeline.video import open_video
+    from pipeline.core.video import open_video
 
     with open_video(video) as src:
         every = src.read_all()
@@ -64,8 +64,8 @@ def part_features(video: Path) -> None:
     from extractors import EXTRACTORS
     from extractors.i3d_inception import I3D_K400_RGB
     from extractors.weights import cached_weights_path
-    from pipeline.config import build_config
-    from stages.extract import extract_video
+    from stages.config import build_config
+    from extractors.stream import extract_video
 
     path = cached_weights_path(I3D_K400_RGB)
     if not path.is_file():

@@ -135,7 +135,7 @@ def time_detector(name: str, bank, device: torch.device, steps: int, warmup: int
 def main() -> None:
     from models import DETECTORS, TrainConfig
     from stages.train import bank_on_device
-    from pipeline.runner import resolve_device
+    from pipeline.core.runner import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="*", default=None, help="detectors (default: all registered)")

@@ -14,11 +14,8 @@ Registered names (``pipeline list`` prints them):
 
 from __future__ import annotations
 
-from pipeline.registry import Registry
-
 from .base import ClipExtractor
-
-EXTRACTORS: Registry[ClipExtractor] = Registry("extractor")
+from .registry import EXTRACTORS
 
 # Importing a module registers its extractors.
 from . import i3d_inception  # noqa: E402,F401

@@ -43,7 +43,7 @@ class ClipExtractor(ABC):
         """sha256 of the weights a run will use, without loading them: the spec's checksum, or the
         local override file's (an override identical to the spec's archive counts as the spec)."""
         if weights:
-            from pipeline.cache import sha256_file
+            from pipeline.core.store import sha256_file
 
             path = Path(weights).expanduser()
             if not path.is_file():
@@ -59,7 +59,7 @@ class ClipExtractor(ABC):
             # no published sha256 (ResNet-50 I3D, C3D): the download pinned on first use keys the
             # cache, so default weights not yet downloaded are fetched now (may raise StageError)
             from extractors.weights import WeightsError, default_weights_sha256
-            from pipeline.runner import StageError
+            from pipeline.core.errors import StageError
 
             try:
                 return default_weights_sha256(cls.weights_spec)

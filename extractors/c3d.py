@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors import EXTRACTORS
+from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.i3d_r50 import load_state_dict_checked, read_state_dict
 from extractors.weights import WeightSpec, fetch_weights, pinned_sha256
-from pipeline.cache import sha256_file
+from pipeline.core.store import sha256_file
 
 logger = logging.getLogger(__name__)
 

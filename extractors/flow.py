@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extractors import EXTRACTORS
+from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.i3d_inception import InceptionI3d
 from extractors.i3d_r50 import (
@@ -42,7 +42,7 @@ from extractors.i3d_r50 import (
 from extractors.transforms import crop_names, resized_size, spatial_crops
 from extractors.tvl1 import TVL1Params, to_gray_uint8, tvl1_flow
 from extractors.weights import WeightsError, WeightSpec, fetch_weights, pinned_sha256
-from pipeline.cache import sha256_file
+from pipeline.core.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def build_r50_flow() -> torch.nn.Module:
 
 
 def flow_params_from_config(cfg: Any) -> TVL1Params:
-    """:class:`TVL1Params` from a ``FlowConfig`` section (``pipeline.config``)."""
+    """:class:`TVL1Params` from a ``FlowConfig`` section (``pipeline.core.config``)."""
     return TVL1Params(
         tau=cfg.tau, lambda_=cfg.lambda_, theta=cfg.theta, nscales=cfg.nscales, warps=cfg.warps,
         epsilon=cfg.epsilon, inner_iterations=cfg.inner_iterations, outer_iterations=cfg.outer_iterations,

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors import EXTRACTORS
+from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.weights import WeightsError, WeightSpec, fetch_weights
-from pipeline.cache import sha256_file
+from pipeline.core.store import sha256_file
 
 logger = logging.getLogger(__name__)
 

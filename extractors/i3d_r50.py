@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extractors import EXTRACTORS
+from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.weights import (
     WeightsError,
@@ -57,7 +57,7 @@ from extractors.weights import (
     fetch_weights,
     pinned_sha256,
 )
-from pipeline.cache import sha256_file
+from pipeline.core.store import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -251,7 +251,7 @@ class SGAExtractor:
     Input: the test-time input stage II recorded in ``encoder.pt`` (``test_input``: the resize spec
     and the crops; MIST's official one for ShanghaiTech I3D is the whole frame resized to 240x320,
     no crop, ``datasets/dataset.py``, ``Test_Dataset_SHT_I3D``), exposed as :attr:`resize` and
-    :attr:`input_crops`, which the extract path (``stages.extract.iter_clip_features``) uses in place
+    :attr:`input_crops`, which the extract path (``extractors.stream.iter_clip_features``) uses in place
     of ``extract.crops``. Without one (``train.ft_test_input=extract``) it is the base extractor's
     resize and ``extract.crops``. Pixel scaling: the ``input_norm`` (mean, std) stage II trained with
     (``train.ft_input_norm=official``, MIST's I3D ``(x - 128) / 128``), else the base extractor's.
@@ -263,7 +263,7 @@ class SGAExtractor:
     """
 
     def __init__(self, base: Any, encoder_path: str | Path) -> None:
-        from pipeline.cache import sha256_file, verified_torch_load
+        from pipeline.core.store import sha256_file, verified_torch_load
 
         path = Path(encoder_path)
         if not path.is_file():
@@ -282,7 +282,7 @@ class SGAExtractor:
             self.resize = tuple(test_input["resize"])
         self.pointwise_normalize = getattr(base, "pointwise_normalize", True)
         #: the resize rule stage II trained with (``"opencv"``; None: the run's extract.resize_dtype),
-        #: which the extract path (``stages.extract.network_input``) uses in place of the run's
+        #: which the extract path (``extractors.stream.network_input``) uses in place of the run's
         self.resize_dtype: str | None = saved.get("resize_dtype")
         norm = saved.get("input_norm")
         self.input_norm: tuple[float, float] | None = (float(norm[0]), float(norm[1])) if norm else None

@@ -119,7 +119,7 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
     h, w = x.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"frames of {h}x{w} are smaller than the {size}x{size} crop")
-    boxes = _crop_boxes(h, w, size)
+    boxes = crop_boxes(h, w, size)
     out = []
     for name in crop_names(crops, order):
         base, flip = (name[:-5], True) if name.endswith("_flip") else (name, False)
@@ -129,7 +129,7 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
     return torch.stack(out)
 
 
-def _crop_boxes(h: int, w: int, size: int) -> dict[str, tuple[int, int]]:
+def crop_boxes(h: int, w: int, size: int) -> dict[str, tuple[int, int]]:
     """Top-left corner ``(y, x)`` of each named crop, as :func:`spatial_crops` places them."""
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision CenterCrop
     return {"tl": (0, 0), "tr": (0, w - size), "bl": (h - size, 0), "br": (h - size, w - size), "c": (top, left)}
@@ -290,7 +290,7 @@ def preprocess_clips(
         names, s = crop_names(crops, order), crop_size
         out = _output((b * len(names), 3, t, s, s), clips.device, memory_format, buffer)
         view = out.view(b, len(names), 3, t, s, s)
-    boxes = _crop_boxes(oh, ow, s) if s else {}
+    boxes = crop_boxes(oh, ow, s) if s else {}
     any_flip = any(n.endswith("_flip") for n in names)
     pieces = _pieces(b, t, max(1, max_elements // (h * w * 3)))
     in_place = normalize_in_place if normalize is not None and not late else None

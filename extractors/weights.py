@@ -30,14 +30,13 @@ import http.client
 import logging
 import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.cache import sha256_file
+from pipeline.core.store import atomic_path, atomic_write_text, scratch_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +119,7 @@ def pinned_sha256(spec: WeightSpec) -> str | None:
 
 def _write_pin(spec: WeightSpec, digest: str, origin: str) -> None:
     pin = pin_path(spec)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{pin.name}.", suffix=".tmp", dir=pin.parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(digest + "\n")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, pin)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    atomic_write_text(pin, digest + "\n")
     logger.warning(
         "%s weights have no published sha256; pinned the sha256 of %s, %s, in %s (trust on first use: "
         "later uses and downloads must match it)", spec.name, origin, digest, pin,
@@ -183,39 +175,40 @@ def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Pat
         dest.unlink(missing_ok=True)
 
     _ensure_dir(dest.parent, spec)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".download.tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        logger.info("downloading %s weights from %s", spec.name, spec.url)
-        try:
-            _download(spec.url, tmp)
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            raise WeightsError(_offline_message(spec, dest, exc)) from exc
-        actual = sha256_file(tmp)
-        want = spec.download_sha256 if spec.sha256 is not None else expected
-        if want is not None and actual != want:
-            pinned = "" if spec.sha256 is not None else (
-                f" (the sha256 pinned at {pin_path(spec)} by an earlier download; delete that file if the "
-                "published weights really changed)"
-            )
-            raise WeightsError(
-                f"the download of {spec.name} weights from {spec.url} does not verify: sha256 {actual}, "
-                f"expected {want}{pinned} (the server or a proxy returned something else). "
-                + _how_to_fix(spec, dest)
-            )
-        if spec.archive_member is not None:
+    want = spec.download_sha256 if spec.sha256 is not None else expected
+    if spec.archive_member is not None:  # the archive is read once for its member, then removed
+        with scratch_path(dest.parent, spec.filename + ".download") as tmp:
+            _download_verified(spec, tmp, dest, want)
             _extract_member(spec, tmp, dest)
-        else:
-            _fsync(tmp)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-            os.replace(tmp, dest)
-            if want is None:
-                _write_pin(spec, actual, f"the download from {spec.url}")
-    finally:
-        tmp.unlink(missing_ok=True)
+    else:
+        with atomic_path(dest) as tmp:  # renamed into place only once it verifies
+            actual = _download_verified(spec, tmp, dest, want)
+        if want is None:
+            _write_pin(spec, actual, f"the download from {spec.url}")
     logger.info("saved %s weights to %s", spec.name, dest)
     return dest
+
+
+def _download_verified(spec: WeightSpec, tmp: Path, dest: Path, want: str | None) -> str:
+    """Download ``spec.url`` into ``tmp`` and check its sha256 against ``want`` (None: accept);
+    returns the sha256. Raises WeightsError offline or on a mismatch."""
+    logger.info("downloading %s weights from %s", spec.name, spec.url)
+    try:
+        _download(spec.url, tmp)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise WeightsError(_offline_message(spec, dest, exc)) from exc
+    actual = sha256_file(tmp)
+    if want is not None and actual != want:
+        pinned = "" if spec.sha256 is not None else (
+            f" (the sha256 pinned at {pin_path(spec)} by an earlier download; delete that file if the "
+            "published weights really changed)"
+        )
+        raise WeightsError(
+            f"the download of {spec.name} weights from {spec.url} does not verify: sha256 {actual}, "
+            f"expected {want}{pinned} (the server or a proxy returned something else). "
+            + _how_to_fix(spec, dest)
+        )
+    return actual
 
 
 def _download(url: str, dest: Path) -> None:
@@ -296,24 +289,16 @@ def _extract_member(spec: WeightSpec, archive: Path, dest: Path) -> None:
 
 def _copy_verified(source: BinaryIO, spec: WeightSpec, dest: Path, origin: str) -> None:
     """Write ``source`` to a temporary file next to ``dest``, check its sha256, rename it to ``dest``."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest) as tmp:  # a file that does not verify is removed, never renamed into place
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for block in iter(lambda: source.read(_CHUNK), b""):
                 digest.update(block)
                 out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         if digest.hexdigest() != spec.sha256:
             raise WeightsError(
                 f"{origin} is not the {spec.name} weights: sha256 {digest.hexdigest()}, expected {spec.sha256}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _ensure_dir(folder: Path, spec: WeightSpec) -> None:
@@ -324,11 +309,6 @@ def _ensure_dir(folder: Path, spec: WeightSpec) -> None:
             f"cannot create the weights cache folder {folder} for {spec.name} weights: {exc}. "
             "Set WSVAD_CACHE to a writable folder, or pass the weights file with --set extract.weights=PATH"
         ) from exc
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def _how_to_fix(spec: WeightSpec, dest: Path) -> str:

@@ -12,26 +12,10 @@ Registered names (``pipeline list`` prints them):
 
 from __future__ import annotations
 
-from typing import Callable
-
-from pipeline.registry import Registry
-
 from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, fit, length_mask, pad_clip_batch
+from .registry import DETECTORS, register_detector
 
-DETECTORS: Registry[Detector] = Registry("detector")
-
-
-def register_detector(name: str) -> Callable[[type[Detector]], type[Detector]]:
-    """Register a detector class; its ``Config.method`` becomes ``name``."""
-
-    def wrap(cls: type[Detector]) -> type[Detector]:
-        DETECTORS.register(name)(cls)
-        cls.Config.method = name
-        return cls
-
-    return wrap
-
-
+# Importing a module registers its detector.
 from . import sultani_mil  # noqa: E402,F401
 from . import rtfm  # noqa: E402,F401
 from . import claws  # noqa: E402,F401

@@ -72,16 +72,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.config import choice, opt
 
-from . import register_detector
+from models.registry import register_detector
 from .base import (
     ClipBank,
     Detector,
     FeatureBank,
     MILBatch,
     TrainConfig,
-    _draw,
+    draw_videos,
     length_mask,
     xavier_init_,
 )
@@ -332,8 +332,8 @@ class ARNet(Detector):
         as the code cuts them, all rows zero-padded to the batch's longest kept length (module docstring)."""
         if not isinstance(bank, ClipBank):
             return super().sample_batch(bank, gen)
-        a = _draw(bank.abnormal_index, self.cfg.batch_abnormal, gen)
-        n = _draw(bank.normal_index, self.cfg.batch_normal, gen)
+        a = draw_videos(bank.abnormal_index, self.cfg.batch_abnormal, gen)
+        n = draw_videos(bank.normal_index, self.cfg.batch_normal, gen)
         crops = bank.features.shape[1]
         ca = torch.randint(crops, (a.numel(),), generator=gen)
         cn = torch.randint(crops, (n.numel(),), generator=gen)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.training import training_loop
+from pipeline.core.config import choice, opt
 
 
 @dataclass
@@ -233,12 +234,12 @@ def all_crops_batch(
     """``batch_abnormal`` anomalous + ``batch_normal`` normal videos of ``bank``, each with all its crops
     (official RTFM dataset.py / model.py: every batch holds all 10 crops of each video).
 
-    ``step`` None: each class drawn afresh from ``gen`` (:func:`_draw`); an int: the ``step``-th batch
+    ``step`` None: each class drawn afresh from ``gen`` (:func:`draw_videos`); an int: the ``step``-th batch
     of shuffled, cycled, drop-last loaders (:func:`loader_draw`, seeded by ``seed``).
     """
     if step is None:
-        a = _draw(bank.abnormal_index, batch_abnormal, gen)
-        n = _draw(bank.normal_index, batch_normal, gen)
+        a = draw_videos(bank.abnormal_index, batch_abnormal, gen)
+        n = draw_videos(bank.normal_index, batch_normal, gen)
     else:
         a = loader_draw(bank.abnormal_index, batch_abnormal, step, seed, salt=1)
         n = loader_draw(bank.normal_index, batch_normal, step, seed, salt=0)
@@ -278,7 +279,7 @@ def loader_draw(index: torch.Tensor, k: int, step: int, seed: int, salt: int = 0
     return index[torch.randperm(n, generator=seeded(0, epoch))[pos * k : (pos + 1) * k]]
 
 
-def _draw(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def draw_videos(index: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """``k`` entries of ``index`` without replacement, or with replacement when there are fewer than ``k``."""
     n = index.numel()
     if n >= k:
@@ -343,15 +344,6 @@ class Detector(nn.Module):
     #: RTFM overrides it with ``rtfm``, its utils.py process_feat)
     segment_scheme: ClassVar[str] = "sultani"
     registry_name: ClassVar[str]
-    #: a detector whose training is a chain of its own stages (MIST) names the runner stages its
-    #: train stage reads and implements :meth:`run_train`; None: the generic loop of
-    #: ``stages/train.py`` on the segment or extract features (``training_level``)
-    train_inputs: ClassVar[tuple[str, ...] | None] = None
-    #: the stage whose clip features the evaluate stage scores (MIST: its re-extracted features)
-    feature_stage: ClassVar[str] = "extract"
-    #: the stages the evaluate stage reads; None: the feature stage (and segment for segment-level
-    #: detectors) and train
-    eval_inputs: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, feature_dim: int, cfg: TrainConfig) -> None:
         super().__init__()
@@ -366,13 +358,6 @@ class Detector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly scores. ``x``: ``[B, S, D]`` float32 -> ``[B, S]`` float32 in [0, 1]."""
         raise NotImplementedError
-
-    @classmethod
-    def run_train(cls, ctx: Any, out: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The train stage's work for detectors with :attr:`train_inputs` (a Context, the stage's
-        StageDir, the upstream StageDirs); returns the DONE summary. Must write ``model.pt`` as
-        ``stages.train.train_detector`` does, so that evaluation loads it the same way."""
-        raise NotImplementedError(f"{cls.__name__} trains with the generic loop")
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
         """Loss terms for one batch; key ``"total"`` is what is minimised."""
@@ -389,6 +374,22 @@ class Detector(nn.Module):
         if limit > 0:
             nn.utils.clip_grad_norm_(self.parameters(), limit)
 
+    def train_step(self, bank: "FeatureBank | ClipBank", step: int, gen: torch.Generator,
+                   optimizer: torch.optim.Optimizer, device: "torch.device | None" = None) -> dict[str, torch.Tensor]:
+        """One training step, the same for the train stage and :func:`fit`: :meth:`before_step`, a
+        batch (:meth:`sample_batch`, moved to ``device``), :meth:`losses`, backward,
+        :meth:`clip_gradients`, one optimiser step. Returns the loss terms (with their graphs)."""
+        self.before_step(bank, step, gen)
+        batch = self.sample_batch(bank, gen)
+        if device is not None:
+            batch = batch.to(device)
+        terms = self.losses(batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.clip_gradients()
+        optimizer.step()
+        return terms
+
     def setup(self, bank: "FeatureBank | ClipBank", gen: torch.Generator) -> None:
         """Called once before the first step of a fresh run (not on resume, where the checkpoint
         restores the state), e.g. NG-MIL's k-means prototype initialisation. Default: nothing."""
@@ -403,8 +404,8 @@ class Detector(nn.Module):
         From a :class:`ClipBank` the bags are padded clip sequences cut to ``cfg.max_clips`` (if the
         config has one) by :func:`pad_clip_batch`.
         """
-        a = _draw(bank.abnormal_index, self.cfg.batch_abnormal, gen)
-        n = _draw(bank.normal_index, self.cfg.batch_normal, gen)
+        a = draw_videos(bank.abnormal_index, self.cfg.batch_abnormal, gen)
+        n = draw_videos(bank.normal_index, self.cfg.batch_normal, gen)
         crops = bank.features.shape[1]
         ca = torch.randint(crops, (a.numel(),), generator=gen)
         cn = torch.randint(crops, (n.numel(),), generator=gen)
@@ -439,20 +440,20 @@ def fit(
 ) -> Detector:
     """Train ``model`` in memory for ``iterations`` steps (no checkpoints) and return it in eval mode.
 
-    The same step as the train stage's loop (``setup``, ``before_step``, ``sample_batch``,
-    ``losses``, one optimiser step), for tests and benchmarks that need no resumability.
-    ``on_step(step, terms)``, if given, sees each step's detached loss terms after its update.
+    The train stage's loop (:func:`pipeline.core.training.training_loop` over
+    :meth:`Detector.train_step`) without checkpoints, for tests and benchmarks that need no
+    resumability. ``on_step(step, terms)``, if given, sees each step's detached loss terms after
+    its update.
     """
     opt = model.make_optimizer()
     model.setup(bank, gen)
     model.train()
-    for step in range(iterations):
-        model.before_step(bank, step, gen)
-        terms = model.losses(model.sample_batch(bank, gen))
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        model.clip_gradients()
-        opt.step()
+
+    def step(i: int) -> dict[str, float]:
+        terms = {k: v.detach() for k, v in model.train_step(bank, i, gen, opt).items()}
         if on_step is not None:
-            on_step(step, {k: v.detach() for k, v in terms.items()})
+            on_step(i, terms)
+        return {k: float(v) for k, v in terms.items()}
+
+    training_loop(step, total=iterations, desc="fit")
     return model.eval()

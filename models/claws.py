@@ -100,9 +100,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.config import choice, opt
 
-from . import register_detector
+from models.registry import register_detector
 from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, length_mask
 
 log = logging.getLogger(__name__)

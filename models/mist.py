@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.config import choice, opt
 
-from . import register_detector
-from .base import ClipBank, Detector, MILBatch, TrainConfig, _draw, xavier_init_
+from models.registry import register_detector
+from .base import ClipBank, Detector, MILBatch, TrainConfig, draw_videos, xavier_init_
 
 #: fields of :class:`MistConfig` that only stage II (and later) reads; stage I's cache key leaves them out
 STAGE2_PREFIX = "ft_"
@@ -495,10 +495,6 @@ class MIST(Detector):
     Config = MistConfig
     input_level = "clips"
     version = 2  # 2: the official stage I (generator layout and init, loss, optimiser, sampling, pseudo-labels)
-    #: the train stage of MIST is stage II; it reads the raw clips' ranges and the pseudo-labels
-    train_inputs: ClassVar[tuple[str, ...] | None] = ("extract", "mist_pseudo")
-    feature_stage: ClassVar[str] = "mist_extract"
-    eval_inputs: ClassVar[tuple[str, ...] | None] = ("mist_extract", "mist_explain", "train")
     short_schedule: ClassVar[dict[str, object]] = {
         # a few dozen videos of 24-160 clips: 8 x 3 sub-bags and the top 2 of their 24 clips instead of
         # 32 x 7 and the top 7 of 224, and 8 + 8 videos a batch. lr 0.1: on the tests' 24-32-D features
@@ -561,8 +557,8 @@ class MIST(Detector):
                 out.append(torch.as_tensor(clips[idx.flatten(), c], dtype=torch.float32))  # [L * T, D]
             return torch.stack(out)
 
-        a = _draw(bank.abnormal_index, self.cfg.batch_abnormal, gen)
-        n = _draw(bank.normal_index, self.cfg.batch_normal, gen)
+        a = draw_videos(bank.abnormal_index, self.cfg.batch_abnormal, gen)
+        n = draw_videos(bank.normal_index, self.cfg.batch_normal, gen)
         return MILBatch(abnormal=bags(a), normal=bags(n))
 
     def losses(self, batch: MILBatch) -> dict[str, torch.Tensor]:
@@ -574,10 +570,3 @@ class MIST(Detector):
             sa = sa.view(-1, cfg.sub_bags, cfg.sub_bag_len).mean(-1)  # [Ba, L]
             sn = sn.view(-1, cfg.sub_bags, cfg.sub_bag_len).mean(-1)
         return mist_mil_loss(sa, sn, cfg.margin, cfg.lambda_sparse, cfg.topk, cfg.pairs, cfg.lambda_smooth)
-
-    @classmethod
-    def run_train(cls, ctx: Any, out: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The train stage of ``--method mist``: stage II (``stages.mist.finetune``)."""
-        from stages.mist import finetune
-
-        return finetune(ctx, out, inputs)

@@ -98,9 +98,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.config import choice, opt
 
-from . import register_detector
+from models.registry import register_detector
 from .base import Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, stack_crops, xavier_init_
 
 log = logging.getLogger(__name__)

@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.config import choice, opt
 
-from . import register_detector
+from models.registry import register_detector
 from .base import CropsBatch, Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, stack_crops, xavier_init_
 
 #: the official network's constants (official model.py, ``Aggregate`` and ``Model``)

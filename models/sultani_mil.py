@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import choice, opt
+from pipeline.core.config import choice, opt
 
-from . import register_detector
+from models.registry import register_detector
 from .base import Detector, MILBatch, TrainConfig
 
 #: the script's file and objective, cited by the help texts

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="warnings only, no progress bars")
+    common.add_argument("--store", type=Path, default=None, metavar="DIR",
+                        help="folder of per-video artifacts (features, flow, segments) shared by runs and manifests "
+                             "(default: $WSVAD_STORE, else ~/.cache/wsvad-pipeline/store, the XDG cache folder)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run a stage and whatever it needs that is not up to date",
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="generate the demo dataset and run every stage on it (CPU, minutes)",
                           description="Runs all stages on the generated demo dataset with the demo preset "
-                          "(pipeline/demo.yaml), then prints the frame-level AUC and the report's path.")
+                          "(pipeline/demo/demo.yaml), then prints the frame-level AUC and the report's path.")
     demo.add_argument("--force", action="store_true", help="recompute every stage")
     _add_config_args(demo, run_dir_default="runs/demo")
 
@@ -119,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--online", action="store_true",
                        help="emit scores clip by clip while decoding (causal detectors only)")
 
+    mig = sub.add_parser("migrate", parents=[common], help="move a run directory's per-video items into the shared store",
+                         description="A run directory made before the shared store kept its per-video items (features, "
+                         "flow, segments) inside it; this moves them into the store (--store) and renames the folders "
+                         "of the later stages, so that the next run computes nothing again. Uses the run's saved config.")
+    _add_config_args(mig)
+
     sub.add_parser("list", parents=[common], help="list registered extractors and detectors",
                    description="List the registered extractors and detectors.")
 
@@ -136,7 +145,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def _resolve(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None, use_saved: bool = False):
-    from pipeline.config import build_config, load_yaml
+    from pipeline.core.config import load_yaml
+    from stages.config import build_config
 
     layers = list(preset or [])
     saved = args.run_dir / "config.yaml"
@@ -154,7 +164,7 @@ def _resolve(args: argparse.Namespace, preset: list[dict[str, Any]] | None = Non
 def demo_preset() -> dict[str, Any]:
     import yaml
 
-    return yaml.safe_load(resources.files("pipeline").joinpath("demo.yaml").read_text())
+    return yaml.safe_load(resources.files("pipeline.demo").joinpath("demo.yaml").read_text())
 
 
 def _print_reports(reports: list) -> int:
@@ -177,23 +187,30 @@ def _print_reports(reports: list) -> int:
 
 
 def cmd_run(args: argparse.Namespace, preset: list[dict[str, Any]] | None = None) -> int:
-    from pipeline.runner import Context, Runner
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
     from stages import STAGE_NAMES, all_stages
 
-    from pipeline import distributed
+    from pipeline.core import distributed
 
     cfg = _resolve(args, preset)
-    from pipeline.config import ConfigError, check_devices
-    from pipeline.runner import StageError, check_writable
+    from pipeline.core.config import ConfigError, check_devices
+    from pipeline.core.errors import StageError
+    from pipeline.core.runner import check_writable
 
     check_devices(cfg)  # a device this machine lacks is a configuration error: exit 2, before any work
-    ctx = Context(cfg, args.run_dir, progress=not args.quiet)
+    ctx = make_context(cfg, args.run_dir, progress=not args.quiet, store=getattr(args, "store", None))
     _ = ctx.manifest  # validate the manifest before any work
     try:
         check_writable(args.run_dir)  # a read-only run directory: one line, exit 2, before any work
     except StageError as e:
         raise ConfigError(str(e)) from None
-    dist = distributed.from_env()  # under torchrun: this process's rank (see pipeline/distributed.py)
+    runner = Runner(ctx, all_stages())
+    try:
+        runner.check_layout()  # a run directory of the layout before the store: exit 2, before any work
+    except StageError as e:
+        raise ConfigError(str(e)) from None
+    dist = distributed.from_env()  # under torchrun: this process's rank (see pipeline/core/distributed.py)
     if dist is not None and not dist.is_main:
         ctx.progress = False
     runner = Runner(ctx, all_stages(), dist=dist)
@@ -230,20 +247,41 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.runner import Context, Runner
+    from pipeline.core.runner import Runner
+    from pipeline.core.status import stage_status
+    from pipeline.runs import make_context
     from stages import all_stages
 
     if not args.run_dir.is_dir():
         # a mistyped run directory is not a run that was "never run"
-        from pipeline.config import ConfigError
+        from pipeline.core.config import ConfigError
 
         raise ConfigError(f"{args.run_dir}: no such run directory")
     cfg = _resolve(args, use_saved=True)
-    runner = Runner(Context(cfg, args.run_dir, progress=False), all_stages())
-    for row in runner.status():
+    runner = Runner(make_context(cfg, args.run_dir, progress=False, store=getattr(args, "store", None)), all_stages())
+    for row in stage_status(runner):
         print(f"{row['stage']:<10} {row['state']:<8} {row['why']}")
         if row.get("path") and row["state"] in ("done", "partial"):
             print(f"{'':<19} {row['path']}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pipeline.core.config import ConfigError
+    from pipeline.core.migrate import migrate_run
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
+    from stages import all_stages
+
+    if not (args.run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{args.run_dir}: not a run directory (no config.yaml)")
+    cfg = _resolve(args, use_saved=True)
+    runner = Runner(make_context(cfg, args.run_dir, progress=False, store=getattr(args, "store", None)), all_stages())
+    counts = migrate_run(runner)
+    print(f"migrated {args.run_dir}: {counts['items']} per-video items moved into {runner.ctx.store}, "
+          f"{counts['stage_folders']} stage folders updated")
+    if counts["unmigrated"]:
+        print(f"  {counts['unmigrated']} items of videos the manifest no longer lists: kept in {args.run_dir / 'unmigrated'}")
     return 0
 
 
@@ -264,7 +302,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pipeline.config import describe
+    from pipeline.core.config import describe
 
     cfg = _resolve(args, use_saved=True)
     if not args.config and (args.run_dir / "config.yaml").is_file():
@@ -278,10 +316,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from pipeline.config import ConfigError
-    from pipeline.manifest import ManifestError
-    from pipeline.registry import RegistryError
-    from pipeline.runner import StageError
+    from pipeline.core.config import ConfigError
+    from pipeline.core.manifest import ManifestError
+    from pipeline.core.registry import RegistryError
+    from pipeline.core.errors import StageError
 
     try:
         if args.command == "run":
@@ -291,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, preset=[demo_preset()])
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "migrate":
+            return cmd_migrate(args)
         if args.command == "manifest":
             from pipeline.datasets import cmd_manifest_build
 

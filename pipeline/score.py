@@ -5,7 +5,7 @@ run saved) gives the extractor and the extract / segment settings, ``RUN_DIR/lat
 stage folder holding ``model.pt``. A new video (file or JPEG/PNG frame folder) then goes through
 exactly the code the pipeline's stages use:
 
-- offline (default): :func:`stages.extract.iter_clip_features` (the extract stage's decoding,
+- offline (default): :func:`extractors.stream.iter_clip_features` (the extract stage's decoding,
   clip cutting and batching), then for ``input_level == "segments"`` detectors (Sultani MIL) the
   segment stage's :func:`~stages.segment.segment_bins` / :func:`~stages.segment.pool_segments`
   with the run's segment settings, then the evaluate stage's :func:`~stages.evaluate.score_video`
@@ -145,8 +145,9 @@ class RunScorer:
     """
 
     def __init__(self, run_dir: str | Path, device: str | None = None, method: str | None = None) -> None:
-        from pipeline.config import ConfigError, build_config, load_yaml
-        from pipeline.runner import resolve_device
+        from pipeline.core.config import ConfigError, load_yaml
+        from stages.config import build_config
+        from pipeline.core.runner import resolve_device
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -199,14 +200,17 @@ class RunScorer:
 
         from extractors import EXTRACTORS
         from models import DETECTORS
-        from pipeline.registry import RegistryError
-        from pipeline.runner import StageDir
+        from pipeline.core.registry import RegistryError
+        from pipeline.core.store import StageDir
         from stages.train import load_detector
+        from stages import CHAINS
 
         ex = self.cfg.extract
         self.device = device or resolve_device(ex.device)
         try:
-            fine_tuned = DETECTORS.get_class(self.method).feature_stage == "mist_extract"
+            DETECTORS.get_class(self.method)
+            chain = CHAINS.get(self.method)
+            fine_tuned = chain is not None and chain.feature_stage == "mist_extract"
         except RegistryError as e:
             raise ScoreError(f"{self.model_path}: cannot load the detector: {_one_line(e)}") from None
         # MIST scores features re-extracted with its stage II encoder (mist_extract); a run with
@@ -252,7 +256,8 @@ class RunScorer:
     def _training_config(self, method: str) -> Any:
         """The config ``method``'s detector was trained with (its checkpoint's record), else the run's
         saved config with that method's training defaults (the saved train section is another's)."""
-        from pipeline.config import ConfigError, build_config, load_yaml
+        from pipeline.core.config import ConfigError, load_yaml
+        from stages.config import build_config
 
         ckpt = self.train_dir / "checkpoint.pt"
         try:
@@ -271,18 +276,21 @@ class RunScorer:
         rel = self.latest.get("extract")
         if not rel:
             return None
-        items = self.run_dir / rel / "items"
-        for p in sorted(items.glob("*.json")) if items.is_dir() else []:
-            try:
-                return json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
+        from pipeline.core.errors import CorruptArtifact
+        from pipeline.core.store import StageDir
+
+        try:
+            sd = StageDir(self.run_dir / rel)
+            for vid in sd.complete_items():
+                return sd.load_meta(vid)
+        except CorruptArtifact:
+            pass
         return None
 
     def _check_features_match(self) -> None:
         """Refuse a detector trained on other features than the run's extractor now gives."""
         from extractors import EXTRACTORS
-        from pipeline.registry import RegistryError
+        from pipeline.core.registry import RegistryError
 
         ex = self.cfg.extract
         # 1. what the detector was trained on: the train stage's checkpoint records the full config
@@ -351,7 +359,7 @@ class RunScorer:
             ScoreError: the detector cannot run causally.
             VideoDecodeError: missing / unreadable video, or shorter than one clip.
         """
-        from stages.extract import iter_clip_features
+        from extractors.stream import iter_clip_features
         from stages.segment import pool_segments
 
         if not self.causal:
@@ -416,9 +424,9 @@ class RunScorer:
         return self._result(path, vid, info, scores, covered, ranges, clip_scores, "clips", ranges, clip_scores, "online", clips)
 
     def _score_offline(self, path: Path, vid: str, info: dict[str, Any]) -> ScoredVideo:
-        from pipeline.metrics import snippet_level
+        from pipeline.core.metrics import snippet_level
         from stages.evaluate import frames_from_units, score_units
-        from stages.extract import iter_clip_features
+        from extractors.stream import iter_clip_features
         from stages.segment import pool_segments, segment_bins
 
         feats_list: list[np.ndarray] = []
@@ -463,7 +471,7 @@ class RunScorer:
 
     def write(self, sv: ScoredVideo, out_dir: Path) -> dict[str, Path]:
         """Write ``<id>.csv``, ``<id>.json`` and ``<id>.png`` into ``out_dir`` atomically; returns their paths."""
-        from pipeline.cache import atomic_write_bytes, atomic_write_json, atomic_write_text
+        from pipeline.core.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 
         out_dir = Path(out_dir)
         paths = {ext: out_dir / f"{sv.id}.{ext}" for ext in ("csv", "json", "png")}
@@ -521,7 +529,7 @@ def score_plot(sv: ScoredVideo, threshold: float | None = 0.5) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.report import _fig_png
+    from stages.report import fig_png
 
     fig, ax = plt.subplots(figsize=(8, 2.6))
     ax.plot(sv.times, sv.scores, color="tab:blue", lw=1.2, label="anomaly score")
@@ -532,7 +540,7 @@ def score_plot(sv: ScoredVideo, threshold: float | None = 0.5) -> bytes:
     what = "online, clip by clip" if sv.mode == "online" else "offline"
     ax.set_title(f"{sv.id}: {sv.method} ({what}), {sv.n_frames} frames at {sv.fps:g} fps", fontsize=9)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def score_video_file(
@@ -545,7 +553,7 @@ def score_video_file(
 
 def cmd_score(args: argparse.Namespace) -> int:
     """``pipeline score``: exit 0 all scored, 1 some videos failed, 2 the run cannot score."""
-    from pipeline.video import VideoDecodeError
+    from pipeline.core.video import VideoDecodeError
 
     try:
         scorer = RunScorer(args.run_dir, method=getattr(args, "method", None))
@@ -556,7 +564,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "scores"
-    from pipeline.runner import StageError, check_writable
+    from pipeline.core.errors import StageError
+    from pipeline.core.runner import check_writable
 
     try:
         check_writable(out_dir, "the output folder")  # before any video is decoded, not after its features

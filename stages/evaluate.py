@@ -16,10 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache import atomic_save_npy, atomic_write_json
-from pipeline.metrics import VideoScores, frame_metrics, snippet_level
-from pipeline.runner import Context, Stage, StageDir, StageError, check_features, resolve_device
+from pipeline.core.store import atomic_save_npy, atomic_write_json
+from pipeline.core.metrics import VideoScores, frame_metrics, snippet_level
+from pipeline.core.errors import StageError
+from pipeline.core.runner import resolve_device
+from pipeline.core.stage import Context, Stage, check_features
+from pipeline.core.store import StageDir
 
+from models import DETECTORS
+
+from .chains import OwnTraining
 from .train import load_detector
 
 log = logging.getLogger(__name__)
@@ -85,21 +91,24 @@ class EvaluateStage(Stage):
     upstream = ("extract", "segment", "train")
     per_video = False
 
+    def __init__(self, chains: dict[str, OwnTraining] | None = None) -> None:
+        #: detectors scored on their own stages' features (``stages.all_stages`` passes MIST's)
+        self.chains = chains or {}
+
     def upstream_for(self, cfg: Any) -> tuple[str, ...]:
         """Clip-level detectors score extract's clips and need no segments."""
-        from models import DETECTORS
-
         cls = DETECTORS.get_class(cfg.train.method)
-        if cls.eval_inputs is not None:
-            return cls.eval_inputs
+        chain = self.chains.get(cfg.train.method)
+        if chain is not None:
+            return chain.eval_inputs
         return self.upstream if cls.input_level == "segments" else ("extract", "train")
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
-        from models import DETECTORS
 
         device = resolve_device(ctx.cfg.train.device)
         model = load_detector(inputs["train"], device)
-        features = inputs[DETECTORS.get_class(ctx.cfg.train.method).feature_stage]  # extract's, or re-extracted
+        chain = self.chains.get(ctx.cfg.train.method)
+        features = inputs[chain.feature_stage if chain else "extract"]  # extract's, or MIST's re-extracted
         done = set(features.complete_items())
         if "segment" in inputs:
             done &= set(inputs["segment"].complete_items())
@@ -137,7 +146,7 @@ class EvaluateStage(Stage):
         metrics["config"] = ctx.cfg.to_dict()
         metrics["cache_keys"] = {n: d.path.name for n, d in inputs.items()}
         atomic_write_json(out.path / "metrics.json", metrics)
-        from pipeline.report import write_report
+        from stages.report import write_report
 
         train_log = inputs["train"].path / "train_log.csv"
         left_out = {f["video"] for f in failures}

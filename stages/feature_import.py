@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from extractors.transforms import crop_names
-from pipeline.manifest import VideoRecord
+from pipeline.core.manifest import VideoRecord
 
 FORMATS = ("rtfm", "roc-ng", "sultani")
 _EXPECTED_DIM = {"rtfm": 2048, "roc-ng": 1024, "sultani": 4096}
@@ -152,7 +152,7 @@ class FeatureImporter:
 
         n_frames = None
         if video_path is not None and video_path.exists():
-            from pipeline.video import open_video
+            from pipeline.core.video import open_video
 
             src = open_video(video_path)
             n_frames = sum(len(f) for _, f in src.iter_chunks(256))

@@ -32,19 +32,20 @@ last frame.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.cache import atomic_path, atomic_write_json
-from pipeline.manifest import VideoRecord
-from pipeline.runner import Context, Stage, StageDir, StageError, resolve_device
+from pipeline.core.manifest import VideoRecord
+from extractors.stream import extract_video
+from pipeline.core.errors import CorruptArtifact, StageError
+from pipeline.core.precision import autocast
+from pipeline.core.runner import resolve_device
+from pipeline.core.stage import Context, Stage
+from pipeline.core.store import StageDir
 
 log = logging.getLogger(__name__)
 
@@ -80,44 +81,6 @@ class FlowStage(Stage):
 # Writing: a video's flow, streamed into one .npy
 
 
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """A version 1.0 ``.npy`` header of exactly :data:`_NPY_HEADER_BYTES` bytes."""
-    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
-    body_len = _NPY_HEADER_BYTES - 10
-    if len(text) + 1 > body_len:
-        raise ValueError(f"shape {shape} does not fit a {_NPY_HEADER_BYTES}-byte .npy header")
-    body = text.ljust(body_len - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
-
-
-def write_streamed_npy(
-    dest: Path, frame_shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]
-) -> dict[str, Any]:
-    """Write ``blocks`` (each ``[n, *frame_shape]`` of ``dtype``) as one ``.npy`` array along axis 0,
-    atomically (temporary file renamed into place); returns the ``_files`` entry (file, sha256, size).
-    Memory holds one block at a time."""
-    dtype = np.dtype(dtype)
-    n = 0
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(_npy_header(dtype, (0, *frame_shape)))
-            for block in blocks:
-                if block.shape[1:] != tuple(frame_shape) or block.dtype != dtype:
-                    raise ValueError(
-                        f"{dest.name}: block {block.dtype} {block.shape} does not fit {dtype} {frame_shape}"
-                    )
-                fh.write(np.ascontiguousarray(block).tobytes())
-                n += len(block)
-            fh.seek(0)
-            fh.write(_npy_header(dtype, (n, *frame_shape)))
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        size = os.path.getsize(tmp)
-    return {"file": dest.name, "sha256": digest.hexdigest(), "size": size, "frames": n}
-
-
 def compute_video_flow(ctx: Any, method: Any, path: Any, out: StageDir, vid: str) -> dict[str, Any]:
     """Decode ``path`` in chunks, compute TV-L1 between consecutive frames, store the flow item of
     ``vid`` (see the module docstring); returns its metadata.
@@ -126,7 +89,7 @@ def compute_video_flow(ctx: Any, method: Any, path: Any, out: StageDir, vid: str
         VideoDecodeError: unreadable video, skipped frames, or fewer than 2 frames.
     """
     from extractors.flow import iter_flow, network_size, quantize_flow, resize_flow
-    from pipeline.video import VideoDecodeError, open_video
+    from pipeline.core.video import VideoDecodeError, open_video
 
     cfg = ctx.cfg.flow
     src = open_video(path, folder_fps=ctx.cfg.data.folder_fps)
@@ -147,7 +110,7 @@ def compute_video_flow(ctx: Any, method: Any, path: Any, out: StageDir, vid: str
             yield quantize_flow(resize_flow(torch.from_numpy(flow), size), cfg.storage)
 
     try:
-        entry = write_streamed_npy(out.items / f"{vid}.flow.npy", (*size, 2), store, blocks())
+        entry = out.save_streamed(vid, "flow", (*size, 2), store, blocks())
     finally:
         src.close()
     if decoded["frames"] < 2:
@@ -166,27 +129,18 @@ def compute_video_flow(ctx: Any, method: Any, path: Any, out: StageDir, vid: str
         "seconds": round(seconds, 3),
         "pairs_per_s": round((decoded["frames"] - 1) / max(seconds, 1e-9), 3),
     }
-    atomic_write_json(out.item_meta_path(vid), {**meta, "_files": {"flow": entry}})
+    out.finish_item(vid, meta, {"flow": entry})
     return meta
 
 
 def load_flow(flow_dir: StageDir, vid: str) -> tuple[dict[str, Any], np.ndarray]:
     """A cached flow item: metadata and the stored array, memory-mapped ``[N - 1, h, w, 2]``
     (uint8 or float16; :func:`extractors.flow.dequantize_flow` gives pixels). Its size is checked
-    against the record; the sha256 is not re-read (that would read the whole file)."""
-    from pipeline.runner import CorruptArtifact
-
-    meta = flow_dir.load_meta(vid)
-    try:
-        entry = meta["_files"]["flow"]
-        path = flow_dir.items / entry["file"]
-        if path.stat().st_size != entry["size"]:
-            raise CorruptArtifact(f"{path}: size differs from the one recorded at write time", path)
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, KeyError) as e:
-        where = flow_dir.item_meta_path(vid)
-        raise CorruptArtifact(f"{where}: unreadable flow item ({e})", where) from e
+    against the record (:meth:`StageDir.load_mapped`); the sha256 is not re-read (that would read
+    the whole file)."""
+    meta, arr = flow_dir.load_mapped(vid, "flow")
     if arr.shape[0] != meta["n_frames"] - 1:
+        path = flow_dir.item_file(vid, "flow")
         raise CorruptArtifact(f"{path}: {arr.shape[0]} flow fields for {meta['n_frames']} frames", path)
     return meta, arr
 
@@ -219,7 +173,6 @@ def iter_flow_clip_features(
     """``(clip range, features [C, D] float32)`` per clip of the stored flow, ``extract.batch_clips``
     clips per forward pass; reads only the batch's flow fields from the memory map."""
     from extractors.flow import dequantize_flow, preprocess_flow_clips
-    from stages.extract import _autocast
 
     cfg = ctx.cfg.extract
     device = torch.device(extractor.device)
@@ -234,7 +187,7 @@ def iter_flow_clip_features(
             clips = dequantize_flow(np.asarray(stored[idx.reshape(-1)])).to(device)
             clips = clips.view(len(batch), cfg.clip_len, *clips.shape[1:])
             x = preprocess_flow_clips(clips, extractor.crop_size, cfg.crops, cfg.crop_order)
-            with _autocast(device, cfg.precision):
+            with autocast(device, cfg.precision):
                 feats = extractor.features(x).float().cpu().numpy()
             feats = feats.reshape(len(batch), -1, feats.shape[-1])
             if not np.isfinite(feats).all():
@@ -245,7 +198,7 @@ def iter_flow_clip_features(
 def build_flow_extractor(cfg: Any, device: str) -> Any:
     """The flow stream of ``extract.backbone`` (``<backbone>_flow``) with ``extract.flow_weights``."""
     from extractors import EXTRACTORS
-    from pipeline.registry import RegistryError
+    from pipeline.core.registry import RegistryError
 
     name = f"{cfg.backbone}_flow"
     try:
@@ -260,7 +213,7 @@ def build_flow_extractor(cfg: Any, device: str) -> Any:
 def flow_weights_checksum(cfg: Any) -> str:
     """sha256 of the flow-stream weights a run will use (for the extract stage's key)."""
     from extractors import EXTRACTORS
-    from pipeline.registry import RegistryError
+    from pipeline.core.registry import RegistryError
 
     try:
         cls = EXTRACTORS.get_class(f"{cfg.backbone}_flow")
@@ -278,7 +231,6 @@ def extract_with_flow(
     flow stream's, or RGB's + flow's concatenated per clip and crop, RGB first) and the extract
     stage's metadata."""
     from extractors.transforms import crop_names
-    from stages.extract import extract_video
 
     cfg = ctx.cfg.extract
     path = ctx.manifest.resolve(video)
@@ -323,5 +275,4 @@ __all__ = [
     "flow_weights_checksum",
     "iter_flow_clip_features",
     "load_flow",
-    "write_streamed_npy",
 ]

@@ -10,7 +10,7 @@ them.
 Stage II (:func:`finetune`) follows the authors' scripts (fjchange/MIST_VAD stage2training/*_train.sh,
 configs/*_options.py, datasets/dataset.py), per recipe (:data:`STAGE2_RECIPES`, ``train.ft_recipe``):
 it decodes the training clips it samples from the raw videos with the extract stage's decoder
-(``pipeline.video.open_video``), jitters them in time, resizes them with the extract stage's resize
+(``pipeline.core.video.open_video``), jitters them in time, resizes them with the extract stage's resize
 (``extractors.transforms.preprocess_clips``), augments them (multi-scale crop, flip, grayscale) and
 normalises them as the extractor does. Re-extraction (``mist_extract``) and ``pipeline score`` feed
 the fine-tuned encoder the official test-time input recorded in ``encoder.pt`` (``train.ft_test_input``).
@@ -29,11 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import atomic_torch_save, atomic_write_bytes
-from pipeline.runner import Context, Stage, StageDir, StageError, progress_bar, resolve_device
+from pipeline.core.store import atomic_torch_save, atomic_write_bytes
+from pipeline.core.errors import StageError
+from pipeline.core.precision import autocast, grad_scaler
+from pipeline.core.training import load_checkpoint, rng_state, save_checkpoint, set_rng_state, training_loop, write_log
+from pipeline.core.runner import resolve_device
+from pipeline.core.stage import Context, Stage
+from pipeline.core.store import StageDir
 
+from .chains import OwnTraining
 from .extract import ExtractStage, extract_video
-from .train import _load_checkpoint, _rng_state, _set_rng_state, _write_log, load_detector, train_detector, write_model
+from .train import load_detector, train_detector, write_model
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +254,7 @@ def decode_clips(path: Any, starts: list[int], clip_len: int, folder_fps: float)
     A clip running past the last frame repeats it (the extract stage's padding). Returns
     ``[len(starts), clip_len, H, W, 3]`` uint8 RGB. Raises VideoDecodeError for an unreadable video.
     """
-    from pipeline.video import VideoDecodeError, open_video
+    from pipeline.core.video import VideoDecodeError, open_video
 
     need: dict[int, list[tuple[int, int]]] = {}  # frame -> (clip, position) slots it fills
     for i, s in enumerate(starts):
@@ -357,17 +363,6 @@ def augment_clips(frames: torch.Tensor, size: int, gen: torch.Generator, graysca
             clip = (clip * gray_w).sum(0, keepdim=True).expand(3, -1, -1, -1)
         out[i] = clip
     return out
-
-
-def _autocast(device: torch.device) -> tuple[Any, Any]:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler); fp32 on the CPU."""
-    if device.type != "cuda":
-        import contextlib
-
-        return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
 
 
 def finetune_losses(model: Any, x: torch.Tensor, y: torch.Tensor, w_anomalous: float, w_normal: float, autocast: Any,
@@ -514,54 +509,56 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_stage2_optimizer(model, s)
-    autocast, scaler = _autocast(device)
+    # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler), fp32 on the CPU
+    amp, scaler = autocast(device, "auto"), grad_scaler(device, "auto")
+    per_epoch = min(len(abnormal), len(normal)) // s.batch_videos  # batches in every epoch (balanced_batches)
+    total = s.epochs * per_epoch
     rows: list[dict[str, float]] = []
-    epoch, pos, order = 0, 0, None
+    epoch_state: dict[str, Any] = {"order": None, "epoch": None}  # this epoch's batches; the epoch set up last
+    start = 0
     ckpt_path = out.path / "checkpoint.pt"
-    ckpt = _load_checkpoint(ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path, device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _restore_grads(model, ckpt["grads"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], gen)
-        rows, epoch, pos, order = ckpt["log"], ckpt["epoch"], ckpt["pos"], ckpt["order"]
-        log.info("train: MIST stage II resuming at epoch %d, batch %d (%s)", epoch, pos, ckpt_path)
+        set_rng_state(ckpt["rng"], gen)
+        rows, epoch_state["order"] = ckpt["log"], ckpt["order"]
+        start = ckpt["step"] if "step" in ckpt else ckpt["epoch"] * per_epoch + ckpt["pos"]  # older checkpoints
+        log.info("train: MIST stage II resuming at epoch %d, batch %d (%s)", start // per_epoch, start % per_epoch, ckpt_path)
 
-    def checkpoint() -> None:
-        atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "grads": _grads(model), "scaler": scaler.state_dict() if scaler else None,
-                                      "rng": _rng_state(gen), "log": rows, "epoch": epoch, "pos": pos, "order": order})
-        _write_log(out, rows)
+    def checkpoint(done: int) -> None:
+        order = epoch_state["order"] if done % per_epoch else None  # at an epoch's end the next one draws its own
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "grads": _grads(model), "scaler": scaler.state_dict() if scaler else None,
+                                    "rng": rng_state(gen), "log": rows, "step": done, "order": order})
+        write_log(out.path / "train_log.csv", rows)
 
-    bar = progress_bar(range(epoch, s.epochs), ctx.progress, desc="mist stage II", unit="epoch",
-                       initial=epoch, total=s.epochs)
-    for epoch in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = s.lr * lr_factor(epoch, s.warmup_epochs)
-        model.set_backbone_trainable(epoch >= s.freeze_epochs, epoch >= s.freeze_bn_epochs)
-        model.train()
-        if order is None:
-            order = balanced_batches(abnormal, normal, s.batch_videos, gen)
-        while pos < len(order):
-            t0 = time.perf_counter()
-            x, y = sample_training_batch(videos, order[pos], s, extractor, ext.clip_len, ctx.cfg.data.folder_fps,
-                                         s.resize_dtype or ext.resize_dtype, device, gen)
-            stepping = pos % s.accumulate == 0
-            terms = finetune_step(model, optimizer, scaler, x, y, w_a, w_n, autocast, lambda_guided=s.lambda_guided,
-                                  step=stepping, grad_clip=s.grad_clip)
-            pos += 1
-            rows.append({"step": len(rows) + 1, "epoch": epoch, **terms, "optimizer_step": int(stepping),
-                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
-            if not np.isfinite(terms["total"]):
-                raise StageError(f"train: MIST stage II loss became {terms['total']} at epoch {epoch}; lower train.ft_lr?")
-            if len(rows) % cfg.ft_checkpoint_every == 0 and pos < len(order):
-                checkpoint()
-        pos, order = 0, None
-        epoch += 1
-        checkpoint()  # at every epoch's end: a rerun resumes at the next epoch
-    epoch = s.epochs
+    def step(i: int) -> dict[str, float]:
+        epoch, pos = divmod(i, per_epoch)
+        if epoch_state["epoch"] != epoch:  # an epoch's settings, also when resuming inside it
+            for group in optimizer.param_groups:
+                group["lr"] = s.lr * lr_factor(epoch, s.warmup_epochs)
+            model.set_backbone_trainable(epoch >= s.freeze_epochs, epoch >= s.freeze_bn_epochs)
+            model.train()
+            epoch_state["epoch"] = epoch
+        if pos == 0 or epoch_state["order"] is None:
+            epoch_state["order"] = balanced_batches(abnormal, normal, s.batch_videos, gen)
+        t0 = time.perf_counter()
+        x, y = sample_training_batch(videos, epoch_state["order"][pos], s, extractor, ext.clip_len, ctx.cfg.data.folder_fps,
+                                     s.resize_dtype or ext.resize_dtype, device, gen)
+        stepping = pos % s.accumulate == 0
+        terms = finetune_step(model, optimizer, scaler, x, y, w_a, w_n, amp, lambda_guided=s.lambda_guided,
+                              step=stepping, grad_clip=s.grad_clip)
+        return {"step": i + 1, "epoch": epoch, **terms, "optimizer_step": int(stepping),
+                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+
+    # checkpoints every ft_checkpoint_every batches and at every epoch's end
+    training_loop(step, total=total, start=start, rows=rows, checkpoint=checkpoint,
+                  checkpoint_when=lambda done: done % cfg.ft_checkpoint_every == 0 or done % per_epoch == 0,
+                  progress=ctx.progress, desc="mist stage II", unit="batch", hint="lower train.ft_lr?")
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     test_input = None if s.test_crops is None else {"resize": ["fixed", *s.test_size], "crops": s.test_crops}
@@ -573,7 +570,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     head = DETECTORS.get("mist", feature_dim=model.feature_dim, cfg=cfg)
     head.set_head(model.head)
     write_model(out, ctx, head, head.state_dict(), len(rows))
-    _write_log(out, rows)
+    write_log(out.path / "train_log.csv", rows)
     return {"epochs": s.epochs, "batches": len(rows), "final_loss": rows[-1]["total"] if rows else None,
             "train_videos": len(videos), "recipe": s.recipe, "class_weights": [w_a, w_n],
             "encoder": str(out.path / "encoder.pt")}
@@ -684,7 +681,7 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
     from PIL import Image
 
     from extractors import EXTRACTORS
-    from extractors.transforms import _crop_boxes, crop_names, resized_size
+    from extractors.transforms import crop_boxes, crop_names, resized_size
 
     cfg = ctx.cfg.extract
     cls = EXTRACTORS.get_class(cfg.backbone)
@@ -701,7 +698,7 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
         box = (0, 0, w, h)
     else:  # the centre crop's box in the resized frame, mapped back to source pixels
         s = cls.crop_size
-        top, left = _crop_boxes(rh, rw, s)["c"]
+        top, left = crop_boxes(rh, rw, s)["c"]
         box = (round(left * w / rw), round(top * h / rh), round((left + s) * w / rw), round((top + s) * h / rh))
     import matplotlib
 
@@ -723,3 +720,14 @@ def mist_stages() -> list[Stage]:
     """MIST's stages, in the order ``stages.all_stages`` places them (generator and pseudo-labels
     before train, re-extraction and overlays after it)."""
     return [MistGeneratorStage(), MistPseudoStage(), MistExtractStage(), MistExplainStage()]
+
+
+#: how the train and evaluate stages run ``--method mist``: its train stage is stage II (the
+#: encoder fine-tuning, which reads the raw clips' ranges and the pseudo-labels); evaluation and
+#: ``pipeline score`` read the features re-extracted with the fine-tuned encoder
+MIST_CHAIN = OwnTraining(
+    train_inputs=("extract", "mist_pseudo"),
+    run_train=finetune,
+    feature_stage="mist_extract",
+    eval_inputs=("mist_extract", "mist_explain", "train"),
+)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.manifest import VideoRecord
-from pipeline.runner import Context, Stage, StageDir, check_features
+from pipeline.core.manifest import VideoRecord
+from pipeline.core.stage import Context, Stage, check_features
+from pipeline.core.store import StageDir
 
 
 def segment_bins(n_clips: int, n_segments: int, scheme: str) -> list[tuple[int, int]]:

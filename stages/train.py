@@ -14,8 +14,6 @@ ends with the same weights as an uninterrupted run. Model selection never looks 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,13 @@ import numpy as np
 import torch
 
 from models import DETECTORS, ClipBank, FeatureBank
-from pipeline.cache import atomic_torch_save, atomic_write_text, verified_torch_load
-from pipeline.runner import (
-    Context,
-    CorruptArtifact,
-    Stage,
-    StageDir,
-    StageError,
-    check_features,
-    progress_bar,
-    resolve_device,
-)
+from stages.chains import OwnTraining
+from pipeline.core.store import atomic_torch_save, verified_torch_load
+from pipeline.core.errors import CorruptArtifact, StageError
+from pipeline.core.runner import resolve_device
+from pipeline.core.stage import Context, Stage, check_features
+from pipeline.core.training import load_checkpoint, rng_state, save_checkpoint, set_rng_state, training_loop, write_log
+from pipeline.core.store import StageDir
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +188,19 @@ class TrainStage(Stage):
     upstream = ("segment",)
     per_video = False
 
+    def __init__(self, chains: dict[str, OwnTraining] | None = None) -> None:
+        #: detectors that train through their own stages (``stages.all_stages`` passes MIST's)
+        self.chains = chains or {}
+
     def upstream_for(self, cfg: Any) -> tuple[str, ...]:
         """Segment-level detectors train on the segment stage's bags, clip-level ones on extract's
-        clips; a detector with its own chain (MIST) names its inputs (``Detector.train_inputs``)."""
+        clips; a detector with its own chain (MIST) names its inputs (``stages.chains``)."""
         cls = DETECTORS.get_class(cfg.train.method)
         if imported_checkpoint(cfg.train) is not None:
             return ()  # nothing to train on: the weights come from train.checkpoint
-        if cls.train_inputs is not None:
-            return cls.train_inputs
+        chain = self.chains.get(cfg.train.method)
+        if chain is not None:
+            return chain.train_inputs
         return ("segment",) if cls.training_level() == "segments" else ("extract",)
 
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:
@@ -212,26 +211,12 @@ class TrainStage(Stage):
         return out
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
-        cls = DETECTORS.get_class(ctx.cfg.train.method)
         if imported_checkpoint(ctx.cfg.train) is not None:
             return import_checkpoint(ctx, out)
-        if cls.train_inputs is not None:
-            return cls.run_train(ctx, out, inputs)
+        chain = self.chains.get(ctx.cfg.train.method)
+        if chain is not None:
+            return chain.run_train(ctx, out, inputs)
         return train_detector(ctx, out, inputs)
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "sampler": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
@@ -260,56 +245,38 @@ def train_detector(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> 
     best: dict[str, Any] = {"step": None, "val_auc": None}
     start = 0
     ckpt_path = out.path / "checkpoint.pt"
-    ckpt = _load_checkpoint(ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path, device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], gen)
+        set_rng_state(ckpt["rng"], gen)
         rows, best, start = ckpt["log"], ckpt["best"], ckpt["step"]
         log.info("train: resuming from step %d of %d (%s)", start, cfg.iterations, ckpt_path)
     else:
         model.setup(bank, gen)
 
     def checkpoint(step: int) -> None:
-        atomic_torch_save(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(gen),
-                "step": step,
-                "log": rows,
-                "best": best,
-                "config": ctx.cfg.to_dict(),
-            },
-        )
-        _write_log(out, rows)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "rng": rng_state(gen), "step": step, "log": rows, "best": best,
+                                    "config": ctx.cfg.to_dict()})
+        write_log(out.path / "train_log.csv", rows)
 
-    model.train()
-    steps = progress_bar(
-        range(start, cfg.iterations), ctx.progress, desc="train", unit="step", initial=start, total=cfg.iterations
-    )
-    for step in steps:
-        model.before_step(bank, step, gen)
-        batch = model.sample_batch(bank, gen).to(device)
-        terms = model.losses(batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        model.clip_gradients()
-        optimizer.step()
-        row = {"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}}
-        if not np.isfinite(row["total"]):
-            raise StageError(f"train: loss became {row['total']} at step {step + 1}; lower train.lr?")
-        done = step + 1
-        if val is not None and (done % cfg.val_every == 0 or done == cfg.iterations):
+    def step(i: int) -> dict[str, float]:
+        terms = model.train_step(bank, i, gen, optimizer, device)
+        row = {"step": i + 1, **{k: float(v.detach()) for k, v in terms.items()}}
+        done = i + 1
+        if val is not None and np.isfinite(row["total"]) and (done % cfg.val_every == 0 or done == cfg.iterations):
             row["val_auc"] = video_auc(model, val)
             if best["val_auc"] is None or row["val_auc"] > best["val_auc"]:
-                best = {"step": done, "val_auc": row["val_auc"]}
+                best.update(step=done, val_auc=row["val_auc"])
                 atomic_torch_save(out.path / "best.pt", model.state_dict())
             model.train()
-        rows.append(row)
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            checkpoint(done)
+        return row
+
+    model.train()
+    training_loop(step, total=cfg.iterations, start=start, rows=rows, checkpoint=checkpoint,
+                  checkpoint_when=lambda done: done % cfg.checkpoint_every == 0, progress=ctx.progress,
+                  desc="train", hint="lower train.lr?")
 
     state = model.state_dict()
     if cfg.selection == "val" and best["step"] is not None:
@@ -357,7 +324,7 @@ def imported_checkpoint(train_cfg: Any) -> Path | None:
 def checkpoint_checksum(path: Path) -> str:
     """sha256 of the ``train.checkpoint`` file (it enters the train stage's cache key); a missing
     file is a StageError naming it."""
-    from pipeline.cache import sha256_file
+    from pipeline.core.store import sha256_file
 
     if not path.is_file():
         raise StageError(f"train.checkpoint: {path}: file not found")
@@ -392,31 +359,6 @@ def import_checkpoint(ctx: Context, out: StageDir) -> dict[str, Any]:
     write_model(out, ctx, model, model.state_dict(), None)
     log.info("train: %s loaded from %s (sha256 %s), not trained", cfg.method, path, digest[:12])
     return {"iterations": 0, "checkpoint": str(path), "checkpoint_sha256": digest, "feature_dim": model.feature_dim}
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
-    """The resumable checkpoint, or None to start from step 0 (none yet, or one that fails its
-    checksum or cannot be read: it is removed, never resumed from)."""
-    if not path.is_file():
-        return None
-    try:
-        return verified_torch_load(path, map_location=device)
-    except ValueError as e:
-        log.warning("train: %s; removed, training starts over from step 0", e)
-        path.unlink(missing_ok=True)
-        return None
-
-
-def _write_log(out: StageDir, rows: list[dict[str, float]]) -> None:
-    """Rewrite ``train_log.csv`` (every loss term per step) atomically."""
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out.path / "train_log.csv", buf.getvalue())
 
 
 def warn_small_training_set(cfg: Any, n_abnormal: int, n_normal: int) -> None:

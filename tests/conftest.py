@@ -22,7 +22,7 @@ def shared_data() -> Path | None:
 @pytest.fixture
 def read_only_mount(monkeypatch):
     """Writes into any folder fail as on a read-only mount (EROFS) where the pipeline probes for it
-    (``pipeline.runner.check_writable``); root, which runs CI, ignores permission bits."""
+    (``pipeline.core.runner.check_writable``); root, which runs CI, ignores permission bits."""
     import errno
 
     real_write = Path.write_bytes
@@ -180,3 +180,20 @@ def write_launcher(folder: Path) -> Path:
     path = folder / "launch_pipeline.py"
     path.write_text(LAUNCHER.format(tests=str(Path(__file__).resolve().parent)))
     return path
+
+
+def pytest_configure(config):
+    """Module-scoped fixtures run before any per-test fixture: give the whole session a store of its
+    own (``$WSVAD_STORE``), so that no test writes into the user's ``~/.cache``."""
+    import shutil
+    import tempfile
+
+    os.environ["WSVAD_STORE"] = store = tempfile.mkdtemp(prefix="wsvad-test-store-")
+    config.add_cleanup(lambda: shutil.rmtree(store, ignore_errors=True))
+
+
+@pytest.fixture(autouse=True)
+def _private_store(tmp_path_factory, monkeypatch):
+    """Each test gets its own store of per-video artifacts, so that what one test computed is never
+    another's cache."""
+    monkeypatch.setenv("WSVAD_STORE", str(tmp_path_factory.mktemp("store")))

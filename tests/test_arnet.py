@@ -43,7 +43,8 @@ def test_registered_with_cited_defaults():
 
 
 def test_config_from_cli_settings():
-    from pipeline.config import ConfigError, build_config
+    from pipeline.core.config import ConfigError
+    from stages.config import build_config
 
     sets = ["train.alpha=8", "train.dmil_reduction=videos", "train.max_clips=0", "train.center=masked"]
     cfg = build_config(sets=sets, method="ar_net")
@@ -425,8 +426,9 @@ def test_learns_planted_clips_from_variable_length_videos(center):
 
 def test_train_stage_end_to_end_on_clips_without_segment_stage(tmp_path):
     from conftest import register_test_extractor
-    from pipeline.config import build_config
-    from pipeline.runner import Context, Runner
+    from stages.config import build_config
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
     from stages import all_stages
     from test_runner import make_dataset
 
@@ -444,7 +446,7 @@ def test_train_stage_end_to_end_on_clips_without_segment_stage(tmp_path):
     ]
 
     def runner(extra: list[str] = ()) -> Runner:
-        return Runner(Context(build_config(sets=[*sets, *extra], method="ar_net"), tmp_path / "run", progress=False), all_stages())
+        return Runner(make_context(build_config(sets=[*sets, *extra], method="ar_net"), tmp_path / "run", progress=False), all_stages())
 
     r = runner()
     assert r.upstream_of("train") == ("extract",)
@@ -458,10 +460,12 @@ def test_train_stage_end_to_end_on_clips_without_segment_stage(tmp_path):
 
     # segment settings are not the train stage's inputs: its key, and so its cached model, stay
     changed = runner(["segment.scheme=rtfm", "segment.num_segments=16"])
-    status = {row["stage"]: row for row in changed.status()}
+    from pipeline.core.status import stage_status
+
+    status = {row["stage"]: row for row in stage_status(changed)}
     assert status["train"]["state"] == "done" and status["train"]["key"] == reports["train"].key
     assert status["evaluate"]["state"] == "done"
     again = {rep.stage: rep for rep in changed.run(["evaluate"])}
     assert again["train"].computed == 0 and again["train"].path == reports["train"].path
     # a training setting does change it
-    assert {row["stage"]: row for row in runner(["train.alpha=8"]).status()}["train"]["state"] == "stale"
+    assert {row["stage"]: row for row in stage_status(runner(["train.alpha=8"]))}["train"]["state"] == "stale"

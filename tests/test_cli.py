@@ -32,7 +32,8 @@ def test_summary_table_stays_aligned_with_long_stage_names(capsys):
 def test_status_and_config_start_from_the_saved_config_and_another_method_drops_its_training(tmp_path, capsys):
     """Issue 19: `pipeline status --method mist` on a run saved by sultani_mil failed with "unknown
     config key 'train.lambda_smooth'"; `pipeline config --run-dir RUN` ignored the saved config."""
-    from pipeline.config import build_config, dump_config
+    from pipeline.core.config import dump_config
+    from stages.config import build_config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, build_config, dump_config, load_yaml
+from pipeline.core.config import ConfigError, dump_config, load_yaml
+from stages.config import build_config
 
 
 def test_defaults_are_the_papers():

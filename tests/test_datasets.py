@@ -26,7 +26,7 @@ from pipeline.datasets import (
     padded_frame_labels,
 )
 from pipeline.datasets.ucf_crime import CLASSES as UCF_CLASSES
-from pipeline.manifest import ManifestError, VideoRecord, load_manifest, write_manifest
+from pipeline.core.manifest import ManifestError, VideoRecord, load_manifest, write_manifest
 
 FOLDERS = {"ucf-crime": "ucf_crime", "shanghaitech": "shanghaitech", "xd-violence": "xd_violence",
            "ucsd-ped2": "ucsd_ped2"}

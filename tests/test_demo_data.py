@@ -1,4 +1,4 @@
-"""pipeline.demo_data: the generated demo dataset (manifest, determinism, ground truth, files)."""
+"""pipeline.demo: the generated demo dataset (manifest, determinism, ground truth, files)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import demo_data
-from pipeline.demo_data import (
+from pipeline import demo as demo_data
+from pipeline.demo import writer as demo_writer
+from pipeline.demo import (
     DEMO_MANIFEST,
     HEIGHT,
     WIDTH,
@@ -25,8 +26,8 @@ from pipeline.demo_data import (
     render_frames,
     rgb_to_i420,
 )
-from pipeline.manifest import VideoRecord, load_manifest, write_manifest
-from pipeline.video import FrameFolder, open_video
+from pipeline.core.manifest import VideoRecord, load_manifest, write_manifest
+from pipeline.core.video import FrameFolder, open_video
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +218,13 @@ def test_generate_decode_and_resume(tmp_path, mini, rows, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("re-rendered a complete video")
 
-    monkeypatch.setattr(demo_data, "_generate_one", boom)
+    monkeypatch.setattr(demo_writer, "_generate_one", boom)
     generate_demo_dataset(root, mini, progress=False, workers=1)
 
 
 def test_interrupted_write_leaves_nothing_and_resumes(tmp_path, mini, monkeypatch):
     root = tmp_path / "data"
-    real = demo_data.render_frames
+    real = demo_writer.render_frames
 
     def dying(video):
         for i, frame in enumerate(real(video)):
@@ -231,7 +232,7 @@ def test_interrupted_write_leaves_nothing_and_resumes(tmp_path, mini, monkeypatc
                 raise KeyboardInterrupt  # as if killed mid-video
             yield frame
 
-    monkeypatch.setattr(demo_data, "render_frames", dying)
+    monkeypatch.setattr(demo_writer, "render_frames", dying)
     with pytest.raises(KeyboardInterrupt):
         generate_demo_dataset(root, mini, progress=False, workers=1)
     leftovers = [p for p in root.rglob("*") if p.is_file() and not p.parent.name == ".demo_state"]
@@ -242,7 +243,7 @@ def test_interrupted_write_leaves_nothing_and_resumes(tmp_path, mini, monkeypatc
     stale = root / "videos" / ".test_007.mp4.abc.tmp"
     stale.write_bytes(b"partial")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    monkeypatch.setattr(demo_data, "render_frames", real)
+    monkeypatch.setattr(demo_writer, "render_frames", real)
     m = generate_demo_dataset(root, mini, progress=False, workers=1)
     assert not stale.exists()
     assert all(m.resolve(v).exists() for v in m.videos)
@@ -256,8 +257,8 @@ def test_changed_row_is_regenerated(tmp_path, rows, monkeypatch):
     root = tmp_path / "data"
     generate_demo_dataset(root, src, progress=False, workers=1)
     calls = []
-    real = demo_data._generate_one
-    monkeypatch.setattr(demo_data, "_generate_one", lambda video, r: calls.append(video.id) or real(video, r))
+    real = demo_writer._generate_one
+    monkeypatch.setattr(demo_writer, "_generate_one", lambda video, r: calls.append(video.id) or real(video, r))
     generate_demo_dataset(root, src, progress=False, workers=1)
     assert calls == []
     # the same id relabelled as anomalous (another test interval) must be rendered again
@@ -267,5 +268,5 @@ def test_changed_row_is_regenerated(tmp_path, rows, monkeypatch):
 
 
 def test_demo_manifest_path():
-    assert DEMO_MANIFEST == Path(demo_data.__file__).resolve().parents[1] / "data_manifests" / "demo.csv"
+    assert DEMO_MANIFEST == Path(demo_data.__file__).resolve().parents[2] / "data_manifests" / "demo.csv"
     assert DEMO_MANIFEST.is_file()

@@ -75,7 +75,7 @@ def test_demo_auc_cache_status_and_training_change(tmp_path, capsys):
 
 
 def test_sigkill_during_extraction_then_resume(tmp_path):
-    from pipeline.demo_data import DEMO_MANIFEST, generate_demo_dataset
+    from pipeline.demo import DEMO_MANIFEST, generate_demo_dataset
 
     # a small subset of the demo (4 training, 2 test videos) keeps this test short
     lines = DEMO_MANIFEST.read_text().splitlines()
@@ -92,30 +92,29 @@ def test_sigkill_during_extraction_then_resume(tmp_path):
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    items = None
+    from pipeline.core.store import StageDir
+
+    sd = None
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once two videos are complete
-        found = list((run_dir / "cache" / "extract").glob("*/items"))
-        if found and len(list(found[0].glob("*.json"))) >= 2:
-            items = found[0]
+        found = list((run_dir / "cache" / "extract").glob("*/index.json"))
+        if found and len(StageDir(found[0].parent).complete_items()) >= 2:
+            sd = StageDir(found[0].parent)
             break
         time.sleep(0.05)
-    assert items is not None, "extraction did not progress"
+    assert sd is not None, "extraction did not progress"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done_before = {p.stem: p.stat().st_mtime_ns for p in items.glob("*.json")}
+    done_before = {vid: sd.item_meta_path(vid).stat().st_mtime_ns for vid in sd.complete_items()}
     assert 2 <= len(done_before) < 6
-    assert not (items.parent / "DONE").exists()
+    assert not sd.done_marker.exists()
 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     for vid, mtime in done_before.items():
-        assert (items / f"{vid}.json").stat().st_mtime_ns == mtime, f"{vid} was recomputed"
-    assert not list(items.glob(".*.tmp"))
-    from pipeline.runner import StageDir
-
-    sd = StageDir(items.parent)
+        assert sd.item_meta_path(vid).stat().st_mtime_ns == mtime, f"{vid} was recomputed"
+    assert not list(sd.items.glob(".*.tmp"))
     assert sd.is_done() and len(sd.complete_items()) == 6
     for vid in sd.complete_items():
         sd.load_item(vid, verify=True)  # checksums match: nothing corrupt

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import moving_square_video, register_test_extractor, write_launcher, write_video
-from pipeline.config import build_config
-from pipeline.distributed import estimate_frames, from_env, shard
-from pipeline.runner import Context, Runner, StageDir, StageReport
+from stages.config import build_config
+from pipeline.core.distributed import estimate_frames, from_env, shard
+from pipeline.core.runner import Runner
+from pipeline.core.stage import StageReport
+from pipeline.runs import make_context
+from pipeline.core.store import StageDir
 from stages import all_stages
 from test_runner import cli_args
 
@@ -42,7 +45,7 @@ def data(tmp_path_factory) -> Path:
 def run_in_process(manifest: Path, run_dir: Path) -> StageReport:
     register_test_extractor()
     cfg = build_config(sets=[f"data.manifest={manifest}", *SETTINGS])
-    return Runner(Context(cfg, run_dir, progress=False), all_stages()).run(["extract"])[0]
+    return Runner(make_context(cfg, run_dir, progress=False), all_stages()).run(["extract"])[0]
 
 
 def torchrun(manifest: Path, run_dir: Path, nproc: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -50,7 +53,8 @@ def torchrun(manifest: Path, run_dir: Path, nproc: int, env: dict[str, str] | No
     launcher = write_launcher(run_dir.parent)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(launcher), *cli_args(run_dir, manifest, "extract", SETTINGS)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # a store of its own: the in-process reference run's items must not be this job's cache
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WSVAD_STORE": str(run_dir.parent / "store"), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=full_env)
 
 
@@ -109,7 +113,7 @@ def test_two_ranks_equal_one_process(data, tmp_path):
         assert arrays["features"].shape == (len(meta["clip_ranges"]), 1, 7)
 
 
-def test_dead_rank_loses_only_its_video_and_a_rerun_completes(data, tmp_path):
+def test_dead_rank_loses_only_its_video_and_a_rerun_completes(data, tmp_path, monkeypatch):
     ref = StageDir(run_in_process(data, tmp_path / "single").path)
     log = tmp_path / "events.txt"
     run_dir = tmp_path / "dist" / "run"
@@ -124,12 +128,13 @@ def test_dead_rank_loses_only_its_video_and_a_rerun_completes(data, tmp_path):
     assert set(finished) <= set(complete) and len(complete) < 6
     before = {p.name: p.stat().st_mtime_ns for p in sd.items.iterdir()}
 
-    # rerun with another world size (one process): only the missing videos are computed
+    # rerun with another world size (one process, on the job's store): only the missing videos are computed
+    monkeypatch.setenv("WSVAD_STORE", str(run_dir.parent / "store"))
     rerun = run_in_process(data, run_dir)
     assert rerun.path == sd.path and sd.is_done()
     assert (rerun.computed, rerun.cached) == (6 - len(complete), len(complete))
     for p in sd.items.iterdir():  # finished items are untouched
-        if p.name.split(".")[0] in complete:
+        if p.name.split(".")[0] in {sd.stem(v) for v in complete}:
             assert before[p.name] == p.stat().st_mtime_ns, p.name
     assert item_files(sd) == item_files(ref)
     assert not list(sd.items.glob(".*.tmp"))

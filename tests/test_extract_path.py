@@ -21,9 +21,11 @@ from conftest import moving_square_video, register_test_extractor, write_video
 from extractors import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.transforms import crop_names, resize_frames, spatial_crops
-from pipeline.config import build_config
-from pipeline.video import BackgroundIterator, FrameRateResampler, VideoDecodeError, open_video
-from stages.extract import ExtractStage, extract_video, iter_clip_features
+from stages.config import build_config
+from pipeline.core.store import StageDir
+from pipeline.core.video import BackgroundIterator, FrameRateResampler, VideoDecodeError, open_video
+from extractors.stream import extract_video, iter_clip_features
+from stages.extract import ExtractStage
 
 
 class TinyConv3d(ClipExtractor):
@@ -139,7 +141,7 @@ def test_device_path_bitwise_on_cpu_and_drop(video25: Path) -> None:
 
 
 def test_feature_dtype_float16_is_stored_and_readable(video25: Path, tmp_path: Path) -> None:
-    from pipeline.runner import StageDir
+    from pipeline.core.store import StageDir
     from stages.segment import pool_segments
 
     ex = TinyConv3d()
@@ -393,8 +395,7 @@ def test_resampled_run_evaluates_on_source_frames(tmp_path: Path) -> None:
     manifest = make_dataset(tmp_path / "data")
     reports = {r.stage: r for r in make_runner(manifest, tmp_path / "run", ["extract.target_fps=24"]).run(["evaluate"])}
     assert reports["evaluate"].state == "computed"
-    ext = reports["extract"].path / "items"
-    meta = json.loads((ext / "test1.json").read_text())  # 56 frames at 30 fps -> 45 at 24 fps
+    meta = StageDir(reports["extract"].path).load_meta("test1")  # 56 frames at 30 fps -> 45 at 24 fps
     assert meta["n_frames"] == 56 and meta["n_frames_resampled"] == 45 and meta["target_fps"] == 24.0
     assert len(meta["clip_ranges"]) == 3
     check_tiling(meta["clip_ranges"], 56)
@@ -414,7 +415,8 @@ def test_float16_features_pool_like_float32() -> None:
 
 def test_float16_features_through_a_clip_level_detector(tmp_path: Path) -> None:
     from models import DETECTORS
-    from pipeline.runner import Context, Runner
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
     from stages import all_stages
     from test_runner import make_dataset
 
@@ -427,14 +429,14 @@ def test_float16_features_through_a_clip_level_detector(tmp_path: Path) -> None:
                              "extract.feature_dtype=float16"], method=clip_level[0])
     if hasattr(cfg.train, "short_schedule"):
         cfg.train.short_schedule = True
-    reports = {r.stage: r for r in Runner(Context(cfg, tmp_path / "run", progress=False), all_stages()).run(["evaluate"])}
+    reports = {r.stage: r for r in Runner(make_context(cfg, tmp_path / "run", progress=False), all_stages()).run(["evaluate"])}
     assert reports["evaluate"].state == "computed"
 
 
 def test_network_input_buffer_is_handed_from_video_to_video(video25: Path) -> None:
     """One extractor's later videos reuse the buffer its first video allocated (same features), and
     two videos extracted at once never share one."""
-    import stages.extract as extract
+    import extractors.stream as extract
 
     ex = TinyConv3d()
     cfg = config("extract.crops=10", "extract.batch_clips=2")

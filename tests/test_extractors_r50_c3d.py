@@ -43,7 +43,7 @@ from extractors.weights import (
     pinned_sha256,
 )
 from pipeline.cli import main
-from pipeline.runner import StageError
+from pipeline.core.errors import StageError
 
 
 def _sha(data: bytes) -> str:
@@ -447,9 +447,10 @@ def test_extract_stage_runs(
     assert main(args) == 0
 
     latest = json.loads((run / "latest.json").read_text())
-    items = run / latest["extract"] / "items"
-    meta = json.loads((items / "v0.json").read_text())
-    feats = np.load(items / "v0.features.npy")
+    from pipeline.core.store import StageDir
+
+    meta, arrays = StageDir(run / latest["extract"]).load_item("v0")
+    feats = arrays["features"]
     assert feats.shape == (len(ranges), 1, dim) and feats.dtype == np.float32 and np.isfinite(feats).all()
     assert meta["extractor"] == backbone and meta["feature_dim"] == dim
     assert meta["weights_sha256"] == _sha_file(weights)

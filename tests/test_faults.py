@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from conftest import write_launcher
-from pipeline import cache
+from pipeline.core import store as cache
 from pipeline.cli import main
-from pipeline.runner import StageDir
+from pipeline.core.store import StageDir
 from test_runner import by_stage, cli_args, make_dataset, make_runner
 
 
@@ -48,7 +48,9 @@ def weights(train_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def items(sd_path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((sd_path / "items").glob("*.npy"))}
+    sd = StageDir(sd_path)
+    return {f"{vid}.{name}": sd.item_file(vid, name).read_bytes() for vid in sd.complete_items()
+            for name in sd.load_meta(vid)["_files"]}
 
 
 def assert_cache_sound(run_dir: Path) -> None:
@@ -157,21 +159,22 @@ def test_sigkill_at_random_points_of_extract_and_train(dataset, reference, tmp_p
     m = json.loads((run_dir / latest["evaluate"] / "metrics.json").read_text())
     assert {k: m[k] for k in ("auc", "ap", "far")} == metrics(reference["evaluate"])
     assert_cache_sound(run_dir)
-    assert not list(run_dir.glob("cache/*/*/items/.*.tmp"))
+    for stage_dir in (run_dir / "cache").glob("*/*"):
+        assert not list(StageDir(stage_dir).items.glob(".*.tmp"))
 
 
 def test_corrupt_feature_files_are_recomputed_not_used(dataset, reference, tmp_path):
     runner = make_runner(dataset, tmp_path)
     ext = by_stage(runner.run(["segment"]))["extract"]
     good = items(ext.path)
-    items_dir = ext.path / "items"
+    sd = StageDir(ext.path)
     # same size, other bytes (the checksum in the marker catches it when segment reads it) ...
-    f = items_dir / "test1.features.npy"
+    f = sd.item_file("test1", "features")
     data = bytearray(f.read_bytes())
     data[-8:] = b"\xff" * 8
     f.write_bytes(bytes(data))
     # ... and a file cut short by another tool or a full disk (the recorded size catches it)
-    g = items_dir / "train2.features.npy"
+    g = sd.item_file("train2", "features")
     g.write_bytes(g.read_bytes()[:100])
 
     # a new segment setting reads every extract item again
@@ -237,7 +240,7 @@ def disk_full_at(monkeypatch, name: str, nth: int = 1) -> dict:
     orig = cache._write_file
 
     def write(path: Path, data: bytes) -> None:
-        if re.fullmatch(rf"\.{re.escape(name)}\.[^.]+\.tmp", path.name):
+        if re.fullmatch(rf"\.{re.escape(name)}\.h\w*-p\d+\.[^.]+\.tmp", path.name):
             seen["n"] += 1
             if seen["n"] == nth:
                 with open(path, "wb") as fh:
@@ -258,10 +261,11 @@ def test_disk_full_while_extracting(dataset, reference, tmp_path, monkeypatch, c
     args = cli_args(tmp_path, dataset, "extract")
     make_runner(dataset, tmp_path)  # registers test_motion
     orig = cache._write_file
-    seen = disk_full_at(monkeypatch, "train5.features.npy")
+    # the item's file is named by its key in the store, the same as the reference run's
+    seen = disk_full_at(monkeypatch, StageDir(reference["extract"].path).stem("train5") + ".features.npy")
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "disk full" in err and "train5.features.npy" in err and "rerun" in err
+    assert "disk full" in err and "video train5" in err and ".features.npy" in err and "rerun" in err
     assert seen["n"] == 1
     sd = StageDir(tmp_path / run_dir_relative(reference["extract"]))
     assert not list(sd.items.glob(".*.tmp"))  # the partial file is gone
@@ -279,7 +283,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(dataset, re
     make_runner(dataset, tmp_path).run(["segment"])
     orig = cache._write_file
     disk_full_at(monkeypatch, "checkpoint.pt", nth=2)  # the step-40 checkpoint; the step-20 one is on disk
-    from pipeline.runner import StageError
+    from pipeline.core.errors import StageError
 
     with pytest.raises(StageError, match=r"checkpoint\.pt: disk full"):
         make_runner(dataset, tmp_path).run(["train"])

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pipeline.cli import main
-from pipeline.runner import StageDir
+from pipeline.core.store import StageDir
 
 
 def manifest(path: Path, rows: list[tuple[str, str, int, str]]) -> Path:

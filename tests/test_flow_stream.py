@@ -3,7 +3,6 @@ PyTorch and OpenCV flows, clip alignment, and the flow stage (cache, resume, mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,12 @@ from extractors.flow import (
 )
 from extractors.i3d_inception import InceptionI3d
 from extractors.weights import WeightsError
-from pipeline.config import build_config
-from pipeline.runner import Context, Runner
+from stages.config import build_config
+from pipeline.core.runner import Runner
+from pipeline.runs import make_context
 from stages import all_stages
-from stages.flow import clip_ranges, flow_clip_indices, load_flow, write_streamed_npy
+from pipeline.core.store import write_streamed_npy
+from stages.flow import clip_ranges, flow_clip_indices, load_flow
 
 
 def random_inception_flow(seed: int = 0) -> InceptionI3d:
@@ -121,7 +122,7 @@ def test_flow_stream_features_from_torch_and_opencv_flow_agree(shared):
     pytest.importorskip("cv2")
     import cv2
 
-    from pipeline.video import open_video
+    from pipeline.core.video import open_video
 
     with open_video(shared / "videos" / "v_GGSY1Qvo990.mp4") as src:
         _, chunk = next(src.iter_chunks(128))
@@ -226,7 +227,7 @@ def flow_runner(manifest: Path, run_dir: Path, *extra: str) -> Runner:
     register_test_flow_stream()
     cfg = build_config(sets=[f"data.manifest={manifest}", "extract.backbone=test_motion", "extract.crops=center",
                              "flow.short_side=32", "flow.batch_pairs=4", *extra])
-    return Runner(Context(cfg, run_dir, progress=False), all_stages())
+    return Runner(make_context(cfg, run_dir, progress=False), all_stages())
 
 
 def test_flow_stage_caches_resumes_and_feeds_the_modalities(tmp_path):
@@ -238,22 +239,23 @@ def test_flow_stage_caches_resumes_and_feeds_the_modalities(tmp_path):
     meta, stored = load_flow(Stage_dir(flow), "v1")
     assert stored.dtype == np.uint8 and stored.shape == (17, *network_size(48, 64, 32), 2) and meta["n_frames"] == 18
     assert ext.computed == 2
-    feats = np.load(ext.path / "items" / "v1.features.npy")
+    feats = Stage_dir(ext).load_item("v1")[1]["features"]
     assert feats.shape == (2, 1, 4)  # clips [0, 16) and [16, 18) padded, one crop, 4-D
     assert feats[0, 0, 0] > 0.002  # the squares move: mean |dx| > 0 (0.007 = 0.14 px here)
-    ext_meta = json.loads((ext.path / "items" / "v1.json").read_text())
+    ext_meta = Stage_dir(ext).load_meta("v1")
     assert ext_meta["modality"] == "flow" and ext_meta["clip_ranges"] == [[0, 16], [16, 18]]
 
     # a killed flow write leaves a temporary file; the next run removes it and computes nothing again
-    (flow.path / "items" / ".v0.flow.npy.abc.tmp").write_bytes(b"partial")
+    flow_items = Stage_dir(flow).items
+    (flow_items / f".{Stage_dir(flow).stem('v0')}.flow.npy.abc.tmp").write_bytes(b"partial")
     again = {r.stage: r for r in flow_runner(manifest, run, "extract.modality=flow").run(["extract"])}
     assert again["flow"].computed == 0 and again["flow"].cached == 2 and again["extract"].computed == 0
-    assert not list((flow.path / "items").glob(".*.tmp"))
+    assert not list(flow_items.glob(".*.tmp"))
 
     # rgb+flow reuses the cached flow: RGB (7-D) and flow (4-D) features side by side
     both = {r.stage: r for r in flow_runner(manifest, run, "extract.modality=rgb+flow").run(["extract"])}
     assert both["flow"].computed == 0 and both["flow"].path == flow.path
-    feats2 = np.load(both["extract"].path / "items" / "v1.features.npy")
+    feats2 = Stage_dir(both["extract"]).load_item("v1")[1]["features"]
     assert feats2.shape == (2, 1, 11)
     np.testing.assert_allclose(feats2[..., 7:], feats, rtol=1e-6)
 
@@ -266,6 +268,6 @@ def test_flow_stage_caches_resumes_and_feeds_the_modalities(tmp_path):
 
 
 def Stage_dir(report):  # noqa: N802 - a StageDir from a report
-    from pipeline.runner import StageDir
+    from pipeline.core.store import StageDir
 
     return StageDir(report.path)

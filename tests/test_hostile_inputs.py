@@ -19,7 +19,8 @@ import torch
 
 from conftest import ROOT, moving_square_video, register_test_extractor
 from pipeline.cli import main
-from pipeline.runner import CorruptArtifact, StageDir
+from pipeline.core.errors import CorruptArtifact
+from pipeline.core.store import StageDir
 from test_runner import by_stage, cli_args, make_dataset, make_runner
 from test_video import write_mp4
 
@@ -132,7 +133,7 @@ def test_broken_videos_fail_alone_and_are_listed(hostile, tmp_path, monkeypatch,
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_file_without_read_permission(tmp_path):
-    from pipeline.video import VideoDecodeError, open_video
+    from pipeline.core.video import VideoDecodeError, open_video
 
     path = tmp_path / "locked.mp4"
     write_mp4(path, moving_square_video(20))
@@ -194,7 +195,7 @@ def test_nan_and_wrong_width_features_in_the_cache(tmp_path):
 
 def test_checkpoint_holding_code_is_refused(tmp_path):
     """model.pt is read with weights_only=True: a pickle that would build an arbitrary object is refused."""
-    from pipeline.cache import atomic_torch_save
+    from pipeline.core.store import atomic_torch_save
     from stages.train import load_detector
 
     sd = StageDir(tmp_path)

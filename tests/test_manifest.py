@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.manifest import ManifestError, VideoRecord, load_manifest, write_manifest
+from pipeline.core.manifest import ManifestError, VideoRecord, load_manifest, write_manifest
 
 HEADER = "id,path,split,label,class,intervals\n"
 

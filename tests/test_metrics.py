@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import VideoScores, auc_from_roc, frame_metrics, snippet_level, topk_precision
+from pipeline.core.metrics import VideoScores, auc_from_roc, frame_metrics, snippet_level, topk_precision
 
 
 def _load_roc(path):
@@ -124,8 +124,8 @@ def test_snippet_level_and_topk_in_frame_metrics():
 def test_report_puts_worst_false_alarms_and_misses_first_and_is_self_contained(tmp_path):
     import re
 
-    from pipeline.manifest import VideoRecord
-    from pipeline.report import verdict, write_report
+    from pipeline.core.manifest import VideoRecord
+    from stages.report import verdict, write_report
 
     n = 32
     videos = {

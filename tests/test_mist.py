@@ -191,7 +191,7 @@ def test_two_fine_tuning_steps_lower_the_loss():
 
 def test_decode_clips_matches_the_decoded_frames_and_pads_the_end(tmp_path):
     from conftest import moving_square_video, write_video
-    from pipeline.video import VideoDecodeError, open_video
+    from pipeline.core.video import VideoDecodeError, open_video
     from stages.mist import decode_clips
 
     path = tmp_path / "v.mp4"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.store import StageDir
 from pipeline.cli import main
 
 _tiny = False
@@ -40,7 +41,7 @@ def register_tiny_i3d() -> str:
 def demo_subset(tmp_path_factory) -> Path:
     from extractors.i3d_inception import I3D_K400_RGB
     from extractors.weights import WeightsError, fetch_weights
-    from pipeline.demo_data import DEMO_MANIFEST, generate_demo_dataset
+    from pipeline.demo import DEMO_MANIFEST, generate_demo_dataset
 
     try:
         fetch_weights(I3D_K400_RGB)
@@ -112,14 +113,14 @@ def test_mist_chain_resumes_after_interruption_and_feeds_another_detector(demo_s
     metrics = json.loads((run_dir / latest["evaluate"] / "metrics.json").read_text())
     assert 0.0 <= metrics["auc"] <= 1.0 and metrics["cache_keys"]["mist_extract"] != latest["extract"]
     overlays = list((run_dir / latest["mist_explain"] / "overlays" / "train_001").glob("*.png"))
-    assert len(overlays) == len(json.loads((run_dir / latest["mist_extract"] / "items" / "train_001.json").read_text())["clip_ranges"])
+    assert len(overlays) == len(StageDir(run_dir / latest["mist_extract"]).load_meta("train_001")["clip_ranges"])
     assert main(["status", "--run-dir", str(run_dir)]) == 0
     status = capsys.readouterr().out
     for stage in ("mist_generator", "mist_pseudo", "train", "mist_extract", "mist_explain", "evaluate"):
         assert any(ln.startswith(stage) and "done" in ln for ln in status.splitlines()), status
 
     # pipeline score on the MIST run: the fine-tuned encoder and E_SGA's head, as the evaluation scored
-    from pipeline.manifest import load_manifest
+    from pipeline.core.manifest import load_manifest
 
     manifest = load_manifest(demo_subset)
     video = manifest.resolve(manifest.by_id()["test_001"])
@@ -140,7 +141,7 @@ def test_mist_chain_resumes_after_interruption_and_feeds_another_detector(demo_s
     latest = json.loads((tmp_path / "arnet" / "latest.json").read_text())
     stage_json = json.loads((tmp_path / "arnet" / latest["extract"] / "stage.json").read_text())
     assert "encoder_sha256" in stage_json["inputs"]
-    item = json.loads((tmp_path / "arnet" / latest["extract"] / "items" / "test_001.json").read_text())
+    item = StageDir(tmp_path / "arnet" / latest["extract"]).load_meta("test_001")
     assert item["extractor"] == "tiny_i3d+mist_sga" and item["feature_dim"] == 1024
     evaluated = np.load(tmp_path / "arnet" / latest["evaluate"] / "items" / "test_001.scores.npy")
     _assert_scored_as_evaluated(capsys, video, tmp_path / "arnet", tmp_path / "arnet_scores", evaluated, "tiny_i3d+mist_sga")

@@ -367,9 +367,9 @@ def test_test_time_input_is_the_whole_frame_at_240x320(tmp_path):
     from conftest import moving_square_video, write_video
     from extractors.i3d_inception import InceptionI3d
     from extractors.sga import SGAExtractor
-    from pipeline.cache import atomic_torch_save
-    from pipeline.config import build_config
-    from stages.extract import iter_clip_features
+    from pipeline.core.store import atomic_torch_save
+    from stages.config import build_config
+    from extractors.stream import iter_clip_features
 
     torch.manual_seed(0)
     model = ESGA(InceptionI3d(), expand_k=8, clip_len=16)
@@ -384,7 +384,7 @@ def test_test_time_input_is_the_whole_frame_at_240x320(tmp_path):
     assert sga.resize == ("fixed", 240, 320) and sga.input_crops == "none" and sga.resize_dtype == "opencv"
     # the extract path resizes with the encoder's rule, not the run's extract.resize_dtype
     from extractors.transforms import resize_frames
-    from stages.extract import network_input
+    from extractors.stream import network_input
 
     frames = torch.randint(0, 256, (1, 2, 480, 640, 3), dtype=torch.uint8)
     plain = SimpleNamespace(resize=("fixed", 240, 320), crop_size=224, normalize=lambda x: x)

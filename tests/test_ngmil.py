@@ -62,7 +62,8 @@ def test_registered_with_cited_defaults():
 
 
 def test_config_from_cli_settings_and_validation():
-    from pipeline.config import ConfigError, build_config
+    from pipeline.core.config import ConfigError
+    from stages.config import build_config
 
     cfg = build_config(sets=["train.prototypes=32", "train.crops=one", "train.rerank=mil"], method="ng_mil")
     assert isinstance(cfg.train, NGMILConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main
-from pipeline.registry import Registry, RegistryError
+from pipeline.core.registry import Registry, RegistryError
 
 
 def test_duplicate_name_is_refused():

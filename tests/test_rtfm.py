@@ -109,7 +109,8 @@ def test_registered_with_cited_defaults():
 
 
 def test_config_from_cli_settings():
-    from pipeline.config import ConfigError, build_config, key_fields
+    from pipeline.core.config import ConfigError, key_fields
+    from stages.config import build_config
 
     cfg = build_config(sets=["train.k=4", "train.loss_form=paper", "train.magnitude_dropout=0.5"], method="rtfm")
     assert isinstance(cfg.train, RTFMConfig)
@@ -537,7 +538,7 @@ def test_an_official_checkpoint_is_evaluated_and_scores_new_videos(tmp_path, cap
     assert "segment" not in latest  # nothing was trained, so no training bags were built
     train_dir = run / latest["train"]
     done = json.loads((train_dir / "DONE").read_text())
-    from pipeline.cache import sha256_file
+    from pipeline.core.store import sha256_file
 
     assert done["checkpoint_sha256"] == sha256_file(ckpt) and done["iterations"] == 0
     saved = torch.load(train_dir / "model.pt", weights_only=True)

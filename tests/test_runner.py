@@ -15,8 +15,11 @@ import torch
 
 from conftest import moving_square_video, register_test_extractor, write_video
 from pipeline.cli import main
-from pipeline.config import build_config
-from pipeline.runner import Context, Runner, StageDir
+from stages.config import build_config
+from pipeline.core.runner import Runner
+from pipeline.core.status import stage_status
+from pipeline.runs import make_context
+from pipeline.core.store import StageDir
 from stages import all_stages
 
 
@@ -54,7 +57,7 @@ SETTINGS = [
 def make_runner(manifest: Path, run_dir: Path, extra: list[str] = ()) -> Runner:
     register_test_extractor()
     cfg = build_config(sets=[f"data.manifest={manifest}", *SETTINGS, *extra])
-    return Runner(Context(cfg, run_dir, progress=False), all_stages())
+    return Runner(make_context(cfg, run_dir, progress=False), all_stages())
 
 
 def cli_args(run_dir: Path, manifest: Path, stage: str = "all", settings: list[str] = SETTINGS) -> list[str]:
@@ -85,14 +88,14 @@ def test_full_run_then_everything_cached(dataset, tmp_path):
     again = by_stage(make_runner(dataset, tmp_path).run(["evaluate"]))
     assert [again[s].computed for s in ("extract", "segment", "train", "evaluate")] == [0, 0, 0, 0]
     assert again["extract"].cached == 12
-    status = {r["stage"]: r for r in make_runner(dataset, tmp_path).status()}
+    status = {r["stage"]: r for r in stage_status(make_runner(dataset, tmp_path))}
     assert all(r["state"] == "done" for r in status.values())
     assert "up to date" in status["train"]["why"]
 
 
 def test_training_setting_keeps_features_crop_change_does_not(dataset, tmp_path):
     first = by_stage(make_runner(dataset, tmp_path).run(["evaluate"]))
-    status = {r["stage"]: r for r in make_runner(dataset, tmp_path, ["train.lr=0.002"]).status()}
+    status = {r["stage"]: r for r in stage_status(make_runner(dataset, tmp_path, ["train.lr=0.002"]))}
     assert status["extract"]["state"] == "done" and status["segment"]["state"] == "done"
     assert status["train"]["state"] == "stale" and "train.lr: 0.01 -> 0.002" in status["train"]["why"]
     assert status["evaluate"]["state"] == "stale"
@@ -104,7 +107,7 @@ def test_training_setting_keeps_features_crop_change_does_not(dataset, tmp_path)
     assert lr["train"].path != first["train"].path
 
     for change in ("extract.crops=5", "extract.clip_len=8", "extract.partial_clip=drop"):
-        status = {r["stage"]: r for r in make_runner(dataset, tmp_path, [change]).status()}
+        status = {r["stage"]: r for r in stage_status(make_runner(dataset, tmp_path, [change]))}
         assert status["extract"]["state"] == "stale", change
         assert change.split("=")[0] in status["extract"]["why"]
 
@@ -112,14 +115,17 @@ def test_training_setting_keeps_features_crop_change_does_not(dataset, tmp_path)
 def test_rerun_computes_only_missing_items_and_force_redoes(dataset, tmp_path):
     runner = make_runner(dataset, tmp_path)
     ext = by_stage(runner.run(["extract"]))["extract"]
-    items = ext.path / "items"
+    from pipeline.core.store import StageDir
+
+    sd = StageDir(ext.path)
+    items = sd.items
     mtimes = {p.name: p.stat().st_mtime_ns for p in items.iterdir()}
     # as if killed before finishing: one item's marker gone, the DONE marker not yet written,
-    # a half-written temp file left behind
-    (items / "train3.json").unlink()
+    # a half-written temp file left behind (by an older version: no writer tag)
+    sd.item_meta_path("train3").unlink()
     (ext.path / "DONE").unlink()
-    (items / ".train5.features.npy.abc.tmp").write_bytes(b"\x93NUMPY half")
-    status = {r["stage"]: r for r in make_runner(dataset, tmp_path).status()}
+    (items / f".{sd.stem('train5')}.features.npy.abc.tmp").write_bytes(b"\x93NUMPY half")
+    status = {r["stage"]: r for r in stage_status(make_runner(dataset, tmp_path))}
     assert status["extract"]["state"] == "partial" and "11/12" in status["extract"]["why"]
     # no failures.jsonl was written, so none is pointed to (issue 19)
     assert "none failed" in status["extract"]["why"] and "failures.jsonl" not in status["extract"]["why"]
@@ -128,7 +134,7 @@ def test_rerun_computes_only_missing_items_and_force_redoes(dataset, tmp_path):
     assert again.computed == 1 and again.cached == 11
     assert not list(items.glob(".*.tmp"))
     for p in items.iterdir():
-        if not p.name.startswith("train3."):
+        if not p.name.startswith(sd.stem("train3") + "."):
             assert p.stat().st_mtime_ns == mtimes[p.name], p.name
 
     forced = by_stage(make_runner(dataset, tmp_path).run(["extract"], force={"extract"}))["extract"]
@@ -136,13 +142,13 @@ def test_rerun_computes_only_missing_items_and_force_redoes(dataset, tmp_path):
 
 
 def test_corrupt_item_is_detected(dataset, tmp_path):
-    from pipeline.runner import CorruptArtifact
+    from pipeline.core.errors import CorruptArtifact
 
     ext = by_stage(make_runner(dataset, tmp_path).run(["extract"]))["extract"]
-    from pipeline.runner import StageDir
+    from pipeline.core.store import StageDir
 
     sd = StageDir(ext.path)
-    f = ext.path / "items" / "test1.features.npy"
+    f = sd.item_file("test1", "features")
     data = bytearray(f.read_bytes())
     data[-4:] = b"\x00\x00\x80\x7f"  # same size, different content
     f.write_bytes(bytes(data))
@@ -165,7 +171,9 @@ def test_broken_video_is_recorded_and_others_go_on(tmp_path, capsys):
     ext_dir = tmp_path / "run" / latest["extract"]
     failures = [json.loads(line) for line in (ext_dir / "failures.jsonl").read_text().splitlines()]
     assert [f["video"] for f in failures] == ["broken"] and failures[0]["stage"] == "extract"
-    assert len(list((ext_dir / "items").glob("*.json"))) == 12
+    from pipeline.core.store import StageDir
+
+    assert len(StageDir(ext_dir).complete_items()) == 12
     assert (tmp_path / "run" / latest["evaluate"] / "metrics.json").is_file()
 
 

@@ -152,7 +152,7 @@ def test_default_out_dir_frame_folder_and_python_api(run, tmp_path, capsys):
 
 def test_online_sultani_emits_one_score_per_clip_as_frames_arrive(run, data, tmp_path, monkeypatch, capsys):
     from pipeline.score import RunScorer
-    from pipeline.video import VideoSource
+    from pipeline.core.video import VideoSource
     from stages.segment import pool_segments
 
     decoded = {"frames": 0}
@@ -177,7 +177,7 @@ def test_online_sultani_emits_one_score_per_clip_as_frames_arrive(run, data, tmp
     assert all(0 <= c.score <= 1 and c.latency_s > 0 for c in emitted)
 
     # each online score is the detector on the clip feature, L2-normalised as the segments are
-    from stages.extract import extract_video
+    from extractors.stream import extract_video
 
     feats, _ = extract_video(scorer.cfg, scorer.extractor, data.parent / "test1.mp4")
     for c in emitted:

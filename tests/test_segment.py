@@ -54,7 +54,7 @@ def test_pool_segments_mean_then_unit_norm():
 
 
 def test_auto_scheme_follows_the_detector():
-    from pipeline.config import build_config
+    from stages.config import build_config
 
     assert build_config(method="rtfm").segment.scheme == "rtfm"
     assert build_config(method="sultani_mil").segment.scheme == "sultani"

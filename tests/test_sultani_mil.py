@@ -26,7 +26,8 @@ def test_registered_with_the_scripts_defaults():
 
 
 def test_ranking_form_from_cli_settings():
-    from pipeline.config import ConfigError, build_config
+    from pipeline.core.config import ConfigError
+    from stages.config import build_config
 
     cfg = build_config(sets=["train.ranking=aligned_pairs"], method="sultani_mil")
     assert cfg.train.ranking == "aligned_pairs"

@@ -98,7 +98,6 @@ def test_opencv_resize_is_cv2_inter_linear(size: tuple[int, int]) -> None:
     fixed-point rounding), on frames downscaled 1.9x without antialiasing, the way MIST's datasets
     resize ShanghaiTech's 480x856 frames to 256x340."""
     import cv2
-    import numpy as np
 
     frames = smooth_frames(3, 480, 856)
     frames[:, ::2, ::2] = 255 - frames[:, ::2, ::2]  # pixel-level detail, where antialiasing matters

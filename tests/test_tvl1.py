@@ -119,7 +119,7 @@ def _real_pairs(shared, n: int = 2) -> list[tuple[str, np.ndarray]]:
     about 0.09 px) and ``n`` pairs of an ActivityNet clip (resized to 320x240; about 1.6 px)."""
     from PIL import Image
 
-    from pipeline.video import open_video
+    from pipeline.core.video import open_video
 
     out = []
     folder = shared / "ucsd_ped2" / "testing" / "frames" / "04"

@@ -1,4 +1,4 @@
-"""pipeline.video: decoding video files and frame folders against known synthetic frames."""
+"""pipeline.core.video: decoding video files and frame folders against known synthetic frames."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.video import DecordVideo, VideoDecodeError, natural_key, open_video
+from pipeline.core.video import DecordVideo, VideoDecodeError, natural_key, open_video
 
 H, W, N = 48, 64, 40
 
@@ -146,7 +146,7 @@ def test_truncated_container_decodes_up_to_last_good_frame(tmp_path, caplog):
     results = []
     for chunk in (7, 64):
         src = open_video(cut)
-        with caplog.at_level(logging.WARNING, logger="pipeline.video"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.core.video"):
             starts, frames = read_chunks(src, chunk)
         assert src.frames_decoded == len(frames)
         assert 20 <= src.frames_decoded <= src.num_frames < 100
@@ -181,7 +181,7 @@ def test_fallback_decoding_lines_up_with_decord(mp4, truth):
 
 
 def test_import_does_not_load_decord():
-    code = "import sys, pipeline.video; assert 'decord' not in sys.modules"
+    code = "import sys, pipeline.core.video; assert 'decord' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -288,14 +288,14 @@ def test_bad_chunk_size(mp4):
 def test_folder_decoding_threads_give_the_same_frames_and_first_error(tmp_path, truth):
     """Frames decoded by several threads equal one thread's, chunk by chunk; with two bad images
     the error names the first one in frame order, as one thread would."""
-    from pipeline.video import FrameFolder
+    from pipeline.core.video import FrameFolder
 
     frames = np.concatenate([truth, truth[::-1], truth])  # 3N frames
     folder = write_folder(tmp_path / "many", frames, ".jpg")
     one = read_chunks(FrameFolder(folder, threads=1), 7)
     four = read_chunks(FrameFolder(folder, threads=4), 7)
     assert np.array_equal(one[1], four[1]) and one[0] == four[0]
-    from pipeline.video import _folder_pool
+    from pipeline.core.video import _folder_pool
 
     assert _folder_pool(4)._max_workers == 4 and _folder_pool(2)._max_workers == 2  # as many as asked
     cv2.imwrite(str(folder / "011.jpg"), cv2.resize(frames[11], (W // 2, H // 2)))
@@ -308,7 +308,7 @@ def test_folder_decoding_threads_give_the_same_frames_and_first_error(tmp_path, 
 def test_an_unreadable_file_is_one_line_of_the_tools_own(tmp_path, capfd):
     """Issue 19: decord's C++ log line (``video_reader.cc:86: ERROR opening ...``) and FFmpeg's
     appeared beside the tool's message, whose reason was cut to "Error reading <path>..."."""
-    from pipeline.video import VideoDecodeError, open_video
+    from pipeline.core.video import VideoDecodeError, open_video
 
     bad = tmp_path / "notes.mp4"
     bad.write_text("this is not a video\n")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import (
+from pipeline.datasets.common import (
     VIDEO_EXTS,
     BuildResult,
     DataFiles,
@@ -50,7 +50,7 @@ from pipeline.datasets import (
     parse_int,
     read_lines,
 )
-from pipeline.manifest import ManifestError, VideoRecord
+from pipeline.core.manifest import ManifestError, VideoRecord
 
 _NAME_RE = re.compile(r"^\d{2}_\d{3,4}$")
 

@@ -39,7 +39,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.datasets import (
+from pipeline.datasets.common import (
     VIDEO_EXTS,
     BuildResult,
     DataFiles,
@@ -50,7 +50,7 @@ from pipeline.datasets import (
     parse_int,
     read_lines,
 )
-from pipeline.manifest import VideoRecord
+from pipeline.core.manifest import VideoRecord
 
 CLASSES = (
     "Abuse", "Arrest", "Arson", "Assault", "Burglary", "Explosion", "Fighting", "RoadAccidents",

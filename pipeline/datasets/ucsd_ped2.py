@@ -45,8 +45,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.datasets import IMAGE_EXTS, BuildResult, DataFiles, merge_intervals
-from pipeline.manifest import ManifestError, VideoRecord
+from pipeline.datasets.common import IMAGE_EXTS, BuildResult, DataFiles, merge_intervals
+from pipeline.core.manifest import ManifestError, VideoRecord
 
 N_TRAIN_CLIPS = 16  # the original training set: normal clips Train001..Train016
 N_TRAIN_CLIPS_IN_TRAIN = 12  # training clips 01-12 -> train split, 13-16 -> test split

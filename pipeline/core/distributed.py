@@ -11,7 +11,7 @@ group. The group only carries small Python objects (the work plan, failure recor
 rank reads and writes the shared run directory itself, and the features never travel between
 ranks, so gloo serves GPU jobs too. With CUDA each rank computes on ``cuda:LOCAL_RANK``.
 
-How a per-video stage runs (``pipeline.runner.Runner``): rank 0 alone decides (cleans the stage
+How a per-video stage runs (``pipeline.core.runner.Runner``): rank 0 alone decides (cleans the stage
 folder, lists the videos still to compute, splits them with :func:`shard`) and broadcasts the plan;
 each rank computes its share and writes each video's artifacts atomically, as a single process
 does, so a rank that dies loses only the video it was computing; all ranks then gather their
@@ -147,7 +147,7 @@ def shard(ids: list[str], weights: list[float], world_size: int) -> list[list[st
 def estimate_frames(path: Path, folder_fps: float = 30.0) -> int:
     """The frame count the container (or the frame folder's listing) reports, without decoding;
     1 for a video that cannot be opened (it fails fast when its rank gets to it)."""
-    from pipeline.video import open_video
+    from pipeline.core.video import open_video
 
     try:
         src = open_video(path, folder_fps=folder_fps)

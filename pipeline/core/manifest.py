@@ -27,7 +27,7 @@ COLUMNS = ("id", "path", "split", "label", "class", "intervals")
 SPLITS = ("train", "test")
 # ids name files: no path separators, commas, whitespace or control characters, no leading dot
 # (XD-Violence names contain '#', '=' and '&', so a stricter set would reject real datasets)
-_ID_RE = re.compile(r"^[^./\\,\s\x00-\x1f][^/\\,\s\x00-\x1f]*$")
+ID_RE = re.compile(r"^[^./\\,\s\x00-\x1f][^/\\,\s\x00-\x1f]*$")
 
 
 class ManifestError(ValueError):
@@ -160,7 +160,7 @@ def load_manifest(source: str | Path, root: str | Path | None = None, check_file
         if len(cells) != len(COLUMNS):
             raise ManifestError(f"{where}: expected {len(COLUMNS)} columns, got {len(cells)}")
         vid, path, split, label, cls, intervals = (c.strip() for c in cells)
-        if not _ID_RE.match(vid):
+        if not ID_RE.match(vid):
             raise ManifestError(f"{where}: bad id {vid!r}: no '/', '\\', ',', whitespace or leading '.' allowed")
         if vid in seen:
             raise ManifestError(f"{where}: duplicate id {vid!r} (first on line {seen[vid]})")
@@ -183,7 +183,7 @@ def load_manifest(source: str | Path, root: str | Path | None = None, check_file
 
 def write_manifest(videos: list[VideoRecord], dest: str | Path) -> None:
     """Write ``videos`` as a manifest CSV (atomically)."""
-    from pipeline.cache import atomic_write_text
+    from pipeline.core.store import atomic_write_text
 
     rows = [",".join(COLUMNS)]
     for v in videos:

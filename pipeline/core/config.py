@@ -6,7 +6,8 @@ defaults of the dataclasses below -> a YAML file (``--config``) -> ``--set secti
 an unknown key or a value of the wrong type is a :class:`ConfigError` naming the key.
 
 The ``train`` section is the chosen detector's own config class (``models.<detector>.Config``), so
-each detector owns its hyperparameters and their defaults.
+each detector owns its hyperparameters and their defaults; :func:`stages.config.build_config`, which
+knows the detectors, resolves it (this module is the core and imports no detector).
 
 Fields whose ``metadata`` has ``key=False`` (devices, batch sizes of inference, progress bars) do
 not change results and are left out of cache keys.
@@ -245,12 +246,9 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    #: the chosen detector's Config (set by stages.config.build_config)
     train: Any = None
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-
-    def __post_init__(self) -> None:
-        if self.train is None:
-            self.train = train_config_class(DEFAULT_METHOD)()
 
     def get(self, dotted: str) -> Any:
         section, _, name = dotted.partition(".")
@@ -261,15 +259,7 @@ class RunConfig:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-DEFAULT_METHOD = "sultani_mil"
 SECTIONS = ("data", "extract", "flow", "segment", "train", "evaluate")
-
-
-def train_config_class(method: str) -> type:
-    """The config dataclass of detector ``method``."""
-    from models import DETECTORS
-
-    return DETECTORS.get_class(method).Config
 
 
 def key_fields(obj: Any) -> dict[str, Any]:
@@ -327,7 +317,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _apply_section(obj: Any, values: dict[str, Any], section: str) -> None:
+def apply_section(obj: Any, values: dict[str, Any], section: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -369,7 +359,7 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for section, values in extra.items():
         if isinstance(values, dict) and isinstance(out.get(section), dict):
@@ -390,47 +380,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     return data
-
-
-def build_config(
-    layers: list[dict[str, Any]] | None = None,
-    sets: list[str] | None = None,
-    method: str | None = None,
-) -> RunConfig:
-    """Resolve a run config from override layers (e.g. parsed YAML files), ``--set`` items and ``--method``.
-
-    Raises:
-        ConfigError: unknown section or key, wrong type, value outside its choices, unknown method.
-    """
-    merged: dict[str, Any] = {}
-    for layer in layers or []:
-        merged = _merge(merged, layer)
-    merged = _merge(merged, parse_set(sets or []))
-    for section in merged:
-        if section not in SECTIONS:
-            close = difflib.get_close_matches(section, SECTIONS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config section '{section}'{hint}; sections: {', '.join(SECTIONS)}")
-    train_values = dict(merged.get("train") or {})
-    chosen = method or train_values.pop("method", None) or DEFAULT_METHOD
-    train_values.pop("method", None)
-    from pipeline.registry import RegistryError
-
-    try:
-        train_cls = train_config_class(str(chosen))
-    except RegistryError as e:
-        raise ConfigError(str(e)) from None
-    cfg = RunConfig(train=train_cls())
-    for section in SECTIONS:
-        if section in merged:
-            values = train_values if section == "train" else merged[section]
-            _apply_section(getattr(cfg, section), values, section)
-    if cfg.segment.scheme == "auto":
-        # resolved here, so that the segment stage's cache key holds the scheme actually used
-        from models import DETECTORS
-
-        cfg.segment.scheme = DETECTORS.get_class(str(chosen)).segment_scheme
-    return cfg
 
 
 DEVICE_SECTIONS = ("extract", "flow", "train")

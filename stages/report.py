@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import atomic_write_bytes, atomic_write_text
-from pipeline.manifest import VideoRecord
+from pipeline.core.store import atomic_write_bytes, atomic_write_text
+from pipeline.core.manifest import VideoRecord
 
 
-def _fig_png(fig: Any) -> bytes:
+def fig_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -49,7 +49,7 @@ def _curves(gt: np.ndarray, scores: np.ndarray) -> bytes:
     b.axhline(gt.mean(), ls="--", color="grey", lw=0.8, label=f"chance (anomalous share {gt.mean():.3f})")
     b.set(xlabel="recall", ylabel="precision", title="precision-recall (frame level)", ylim=(0, 1.02))
     b.legend(loc="lower left", fontsize=8)
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def _video_plot(v: VideoRecord, scores: np.ndarray, verdict: "Verdict | None" = None, threshold: float | None = None) -> bytes:
@@ -66,7 +66,7 @@ def _video_plot(v: VideoRecord, scores: np.ndarray, verdict: "Verdict | None" = 
     if verdict is not None:
         title = f"{verdict.label.upper()}: {title}\n{verdict.detail}"
     ax.set_title(title, fontsize=8, color=verdict.color if verdict is not None else "black")
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def _as_float(x: Any) -> float:
@@ -111,7 +111,7 @@ def _training_plot(train_log: Path) -> bytes | None:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 @dataclass
