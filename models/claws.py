@@ -57,8 +57,9 @@ covers it. Not causal: the softmax looks at up to ``b - 1`` later clips.
 
 **Clustering (Sec. 3.4).** "At the beginning of each training epoch" every training video's ``h_1`` is
 computed (eval mode: no dropout; per window as in training; the crops' representations averaged) and
-split by k-means into two clusters, vectorised over all videos at once (:func:`kmeans2`: k-means++
-seeding from the sampling generator, Lloyd iterations until no assignment changes or ``kmeans_iters``).
+split by k-means into two clusters (:func:`models.kmeans.kmeans`, scikit-learn's Lloyd with k-means++
+seeding, each video's seed drawn from the sampling generator, iterations until no assignment changes or
+``kmeans_iters``).
 Centres, cluster sizes and each clip's assignment are persistent buffers (``centres``, ``counts``,
 ``assign``), so a resumed run continues exactly. "This ``d_i`` is then used with the corresponding
 batches at each training iteration": a constant ``d_i`` would give no gradient, so (*our choice*,
@@ -102,6 +103,7 @@ from torch import nn
 
 from pipeline.core.config import choice, opt
 
+from models.kmeans import kmeans
 from models.registry import register_detector
 from .base import ClipBank, Detector, FeatureBank, MILBatch, TrainConfig, length_mask
 
@@ -383,55 +385,6 @@ def claws_objective(
 
 
 # ---------------------------------------------------------------------------------------------
-# K-means with two clusters per video, vectorised over videos
-# ---------------------------------------------------------------------------------------------
-
-
-def kmeans2(
-    points: torch.Tensor, lengths: torch.Tensor, u: torch.Tensor, iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """2-means of every video's points at once (Lloyd [22], k-means++ seeding), on padded sequences.
-
-    Args:
-        points: ``[V, T, H]`` float32, video v's points in rows ``:lengths[v]`` (the rest ignored).
-        lengths: ``[V]`` int64, each >= 1, on ``points``' device.
-        u: ``[V, 2]`` float uniforms in [0, 1): the seeding draws (first centre: point ``floor(u0 T_v)``;
-            second: drawn with probability proportional to the squared distance to the first).
-        iters: maximum Lloyd iterations; stops earlier when no assignment changes.
-    Returns:
-        ``assign`` ``[V, T]`` int64 in {0, 1} (a point equidistant from both centres goes to 0; 0 on
-        padding); ``centres`` ``[V, 2, H]`` float32, the mean of each cluster (the seed where a cluster is
-        empty); ``counts`` ``[V, 2]`` float32 cluster sizes. Batched matrix products only (no atomic
-        adds), so it is deterministic on CUDA too.
-    """
-    v, t_max, _ = points.shape
-    dev = points.device
-    mask = torch.arange(t_max, device=dev)[None, :] < lengths[:, None]  # [V, T]
-    u = u.to(dev, torch.float64)
-    rows = torch.arange(v, device=dev)
-    c0 = points[rows, torch.minimum((u[:, 0] * lengths).long(), lengths - 1)]
-    d2 = (points - c0[:, None]).double().pow(2).sum(-1) * mask
-    cs = d2.cumsum(1)
-    second = torch.searchsorted(cs, (u[:, 1] * cs[:, -1])[:, None].contiguous(), right=True)[:, 0]
-    centres = torch.stack([c0, points[rows, torch.minimum(second, lengths - 1)]], dim=1)  # [V, 2, H]
-    assign = None
-    for _ in range(iters):
-        # closer to c1 than to c0  <=>  (p - (c0 + c1) / 2) . (c1 - c0) > 0
-        diff = centres[:, 1] - centres[:, 0]
-        proj = torch.einsum("vth,vh->vt", points, diff) - (centres.mean(1) * diff).sum(-1, keepdim=True)
-        new = ((proj > 0) & mask).long()
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        onehot = torch.stack([(assign == 0) & mask, assign == 1], dim=-1).to(points.dtype)  # [V, T, 2]
-        counts = onehot.sum(1)  # [V, 2]
-        sums = torch.einsum("vtk,vth->vkh", onehot, points)
-        centres = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centres)
-    counts = torch.stack([((assign == 0) & mask).sum(1), (assign == 1).sum(1)], dim=1).to(points.dtype)
-    return assign, centres, counts
-
-
-# ---------------------------------------------------------------------------------------------
 # Network
 # ---------------------------------------------------------------------------------------------
 
@@ -604,7 +557,7 @@ class CLAWS(Detector):
         offsets, lengths, _ = bank_layout(bank)
         n = lengths.numel()
         dev = self.feature_mean.device
-        u = torch.rand(n, 2, generator=gen, dtype=torch.float64)  # every video's seeding draws, by index
+        seeds = torch.randint(2**31 - 1, (n,), generator=gen)  # every video's k-means seed, by index
         assign = torch.zeros(int(offsets[-1]), dtype=torch.uint8, device=dev)
         centres = torch.zeros(n, 2, self.cfg.hidden[0], device=dev)
         counts = torch.zeros(n, 2, device=dev)
@@ -617,7 +570,7 @@ class CLAWS(Detector):
                 j += 1
             vids = torch.tensor(by_length[i:j], dtype=torch.int64)
             points = self.representations(bank, vids)
-            a, c, cnt = kmeans2(points, lengths[vids].to(dev), u[vids], self.cfg.kmeans_iters)
+            a, c, cnt = kmeans(points, 2, lengths=lengths[vids], seeds=seeds[vids], iters=self.cfg.kmeans_iters)
             valid = torch.arange(points.shape[1])[None, :] < lengths[vids][:, None]
             rows = (offsets[vids][:, None] + torch.arange(points.shape[1])[None, :])[valid]
             assign[rows.to(dev)] = a[valid.to(dev)].to(torch.uint8)

@@ -29,7 +29,7 @@ Model (paper Sec. 3.2, Sec. 4.2, Fig. 2), on 32-segment bags (``input_level = "s
   of four seeds; with the default bias it found the planted ones for each).
 - Normality prototypes ``p_m``, an ``[M, P]`` buffer (no gradient; M = 64 for UCF-Crime / XD-Violence,
   32 for ShanghaiTech, Sec. 4.2), initialised in :meth:`NGMIL.setup` by k-means (Lloyd [22],
-  Euclidean, k-means++ seeding from the run's generator, vectorised in torch: :func:`kmeans`) over
+  Euclidean, k-means++ seeding from the run's generator: :func:`models.kmeans.kmeans`, scikit-learn's) over
   the projected features ``f'`` *of the network at initialisation* of every segment of every crop of
   every normal training video ("across all normal videos", Sec. 4.2).
 - Similarity classifier (Eq. 2, 4, 5): cosine similarities ``s_m`` of ``f'`` with the prototypes;
@@ -100,6 +100,7 @@ from torch import nn
 
 from pipeline.core.config import choice, opt
 
+from models.kmeans import kmeans
 from models.registry import register_detector
 from .base import Detector, FeatureBank, MILBatch, TrainConfig, all_crops_batch, mlp_head, stack_crops, xavier_init_
 
@@ -207,50 +208,6 @@ def squared_distances(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """``||x_i - c_m||^2``: ``x`` ``[..., W]``, ``centres`` ``[M, W]`` -> ``[..., M]`` (>= 0)."""
     d = x.pow(2).sum(-1, keepdim=True) - 2 * x @ centres.T + centres.pow(2).sum(-1)
     return d.clamp_min(0.0)
-
-
-def _sample(weights: torch.Tensor, gen: torch.Generator | None) -> int:
-    """One index drawn with probability proportional to ``weights`` (uniform if they are all 0)."""
-    w = weights.detach().double().cpu()
-    if not float(w.sum()) > 0:
-        w = torch.ones_like(w)
-    return int(torch.multinomial(w, 1, generator=gen))
-
-
-@torch.no_grad()
-def kmeans(
-    x: torch.Tensor, m: int, gen: torch.Generator | None = None, iters: int = 100, tol: float = 1e-6
-) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding, vectorised over points (Euclidean, as Sec. 4.2's [22]).
-
-    Args:
-        x: ``[N, W]`` float points (any N >= 1; with fewer distinct points than ``m`` some centres
-            coincide).
-        m: number of centres.
-        gen: CPU generator for the seeding (None: torch's global RNG); the rest is deterministic.
-        iters: most Lloyd iterations; tol: stop when ``sum ||c_new - c||^2 <= tol * sum ||c||^2``.
-    Returns:
-        ``[m, W]`` centres, dtype and device of ``x``. An empty cluster keeps its previous centre.
-    """
-    n = x.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=gen))]
-    nearest = squared_distances(x, x[idx[0]][None])[:, 0]  # [N] to the closest centre so far
-    for _ in range(1, m):
-        idx.append(_sample(nearest, gen))
-        nearest = torch.minimum(nearest, squared_distances(x, x[idx[-1]][None])[:, 0])
-    centres = x[idx].clone()
-    for _ in range(iters):
-        assign = squared_distances(x, centres).argmin(dim=1)
-        # one-hot matmul rather than index_add_: deterministic on GPUs too
-        onehot = F.one_hot(assign, m).to(x.dtype)  # [N, m]
-        counts = onehot.sum(0)
-        means = (onehot.T @ x) / counts.clamp_min(1)[:, None]
-        new = torch.where(counts[:, None] > 0, means, centres)
-        shift = (new - centres).pow(2).sum()
-        centres = new
-        if shift <= tol * centres.pow(2).sum():
-            break
-    return centres
 
 
 def cosine_similarities(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -492,7 +449,7 @@ class NGMIL(Detector):
     @torch.no_grad()
     def init_prototypes(self, proj: torch.Tensor, gen: torch.Generator | None = None) -> None:
         """Set the prototypes to the k-means centres of ``proj`` ``[N, P]`` (projected features)."""
-        centres = kmeans(proj.float(), self.cfg.prototypes, gen, self.cfg.kmeans_iters, self.cfg.kmeans_tol)
+        _, centres, _ = kmeans(proj.float(), self.cfg.prototypes, gen=gen, iters=self.cfg.kmeans_iters, tol=self.cfg.kmeans_tol)
         self.prototypes.copy_(centres.to(self.prototypes))
         self.proto_ready.fill_(True)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models import DETECTORS, ClipBank, FeatureBank, fit
+from models.kmeans import kmeans
 from models.claws import (
     CLAWS,
     CLAWSBatch,
@@ -17,7 +18,6 @@ from models.claws import (
     claws_objective,
     cluster_distance,
     clustering_loss,
-    kmeans2,
     regression_loss,
     smoothness_loss,
     sparsity_loss,
@@ -186,15 +186,14 @@ def test_gather_windows_takes_the_right_clips_and_crop():
 # ------------------------------------------------------------------------------------------- k-means
 
 
-def test_kmeans2_on_obvious_clusters():
+def test_two_means_of_every_video_on_obvious_clusters():
     pts = torch.zeros(2, 5, 2)
     pts[0, :4] = torch.tensor([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
     pts[0, 4] = 1e6  # padding of the first video (length 4): must be ignored
     pts[1] = torch.tensor([[1.0, 1.0], [1.2, 1.0], [-4.0, 2.0], [1.1, 1.0], [-4.0, 2.2]])
     lengths = torch.tensor([4, 5])
     for seed in range(5):
-        u = torch.rand(2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        assign, centres, counts = kmeans2(pts, lengths, u, iters=20)
+        assign, centres, counts = kmeans(pts, 2, lengths=lengths, gen=torch.Generator().manual_seed(seed), iters=20)
         np.testing.assert_allclose(sorted(centres[0].tolist()), [[0.0, 0.5], [10.0, 0.5]], rtol=1e-6)
         np.testing.assert_allclose(sorted(centres[1].tolist()), [[-4.0, 2.1], [1.1, 1.0]], rtol=1e-6)
         assert counts.sum(1).tolist() == [4.0, 5.0]

@@ -10,12 +10,12 @@ import torch
 
 from models import DETECTORS, FeatureBank
 from models.base import CropsBatch
+from models.kmeans import kmeans
 from models.ngmil import (
     NGMIL,
     NGMILConfig,
     TemporalEncoder,
     cosine_similarities,
-    kmeans,
     ng_mil_ranking_loss,
     ngmil_losses,
     normality_clustering_loss,
@@ -88,14 +88,14 @@ def test_kmeans_recovers_separated_clusters_deterministically():
     centres = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
     x = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
     want = np.stack([x[i * 50 : (i + 1) * 50].numpy().mean(0) for i in range(3)])  # blob means (numpy)
-    got = kmeans(x, 3, torch.Generator().manual_seed(1))
+    got = kmeans(x, 3, gen=torch.Generator().manual_seed(1))[1]
     order = [int(np.argmin(((got.numpy() - w) ** 2).sum(1))) for w in want]
     assert sorted(order) == [0, 1, 2]
     np.testing.assert_allclose(got.numpy()[order], want, atol=1e-5)
-    assert torch.equal(got, kmeans(x, 3, torch.Generator().manual_seed(1)))  # same seed, same centres
+    assert torch.equal(got, kmeans(x, 3, gen=torch.Generator().manual_seed(1))[1])  # same seed, same centres
     # fewer distinct points than centres: every point becomes a centre, the rest repeat them
     few = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    c = kmeans(few, 4, torch.Generator().manual_seed(0))
+    c = kmeans(few, 4, gen=torch.Generator().manual_seed(0))[1]
     assert c.shape == (4, 2) and {tuple(r) for r in c.tolist()} == {(0.0, 1.0), (1.0, 0.0)}
 
 
@@ -245,7 +245,7 @@ def test_setup_runs_kmeans_on_all_crops_of_normal_videos_only():
         x = bank.features[bank.labels == 0].reshape(-1, S, D)
         proj = model.project(model.features(x)).reshape(-1, model.cfg.proto_dim)
     assert proj.shape[0] == 3 * 3 * S
-    assert torch.allclose(model.prototypes, kmeans(proj, 8, torch.Generator().manual_seed(5)))
+    assert torch.allclose(model.prototypes, kmeans(proj, 8, gen=torch.Generator().manual_seed(5), iters=model.cfg.kmeans_iters, tol=model.cfg.kmeans_tol)[1])
     # each prototype is the mean of the points nearest to it (a Lloyd fixed point)
     assign = torch.cdist(proj, model.prototypes).argmin(1)
     for m in assign.unique():
