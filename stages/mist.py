@@ -650,38 +650,101 @@ class MistExtractStage(ExtractStage):
 
 
 class MistExplainStage(Stage):
-    """Spatial explanation: for each video of ``train.explain``, ``overlays/<id>/clip_NNNN.png``: the
-    middle frame of every clip with E_SGA's attention map (of the whole frame with the official
-    ShanghaiTech I3D test input, else of the centre crop) blended over the region it covers."""
+    """Spatial explanation: for each video of ``train.explain``, ``overlays/<id>/clip_NNNN_frame_SSSSSS.png``
+    (``SSSSSS`` the clip's first frame): the middle frame of every clip with E_SGA's attention map (of
+    the whole frame with the official ShanghaiTech I3D test input, else of the centre crop) blended over
+    the region it covers, a colour bar of the attention's range, and a title with the clip's frames
+    and its anomaly score: the trained detector's score of the clip from the re-extracted features,
+    computed as the evaluate stage does (:func:`stages.evaluate.score_units`: crops averaged).
+    Version 2: colour bar and title (version 1 wrote the bare blended frame)."""
 
     name = "mist_explain"
+    version = 2
     reads = ("train.explain",)
     manifest_columns = ("id", "path")
-    upstream = ("mist_extract",)
+    upstream = ("mist_extract", "train")
     per_video = False
     optional = True
 
     def run_whole(self, ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[str, Any]:
+        from .evaluate import score_units
+
         ids = ctx.cfg.train.explain_ids()
         done = set(inputs["mist_extract"].complete_items())
         unknown = [i for i in ids if i not in done]
         if unknown:
             raise StageError(f"mist_explain: no re-extracted features for {', '.join(unknown)} (train.explain)")
+        device = resolve_device(ctx.cfg.train.device)  # the evaluate stage's device
+        model = load_detector(inputs["train"], device)
         written = 0
         videos = ctx.manifest.by_id()
         for vid in ids:
             video = videos[vid]
             meta, arrays = inputs["mist_extract"].load_item(vid)
-            written += write_overlays(out.path / "overlays" / vid, ctx, ctx.manifest.resolve(video), meta, arrays["attention"])
+            scores, _ = score_units(model, (meta, arrays), None, device)
+            written += write_overlays(out.path / "overlays" / vid, ctx, ctx.manifest.resolve(video), meta,
+                                      arrays["attention"], scores, vid)
         return {"videos": len(ids), "overlays": written}
 
 
-def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], attention: np.ndarray) -> int:
-    """Write one overlay PNG per clip (see :class:`MistExplainStage`); returns how many."""
+#: colour map of the attention overlays (our choice, kept from version 1: blue low, red high)
+OVERLAY_CMAP = "jet"
+
+
+def overlay_image(frame: np.ndarray, attention: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``frame`` ``[H, W, 3]`` uint8 with ``attention`` ``[h, w]`` (values in [0, 1]) resized bilinearly
+    to ``box`` (left, top, right, bottom, source pixels), coloured by :data:`OVERLAY_CMAP` over [0, 1]
+    and blended half and half over the box; ``[H, W, 3]`` uint8."""
+    import matplotlib
     from PIL import Image
 
+    a = np.asarray(attention, np.float32)
+    heat = Image.fromarray(a, mode="F").resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR)
+    rgb = (matplotlib.colormaps[OVERLAY_CMAP](np.clip(np.asarray(heat), 0, 1))[..., :3] * 255).astype(np.float32)
+    img = frame.astype(np.float32)
+    region = img[box[1] : box[3], box[0] : box[2]]
+    img[box[1] : box[3], box[0] : box[2]] = 0.5 * region + 0.5 * rgb
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def overlay_figure(frame: np.ndarray, attention: np.ndarray, box: tuple[int, int, int, int], score: float,
+                   frames: tuple[int, int], video: str = "", clip: int | None = None, shown: int | None = None) -> Any:
+    """The matplotlib figure of one overlay: :func:`overlay_image`, a colour bar over the attention's
+    range [0, 1] (E_SGA's attention is a sigmoid output, :class:`extractors.sga.SelfGuidedAttention`,
+    and is drawn as is, not rescaled per map; the bar's label gives this map's own min and max), and
+    the title ``"<video> clip <clip>: frames <first>-<last>[ (frame <shown> shown)], score <score>"``
+    with ``frames`` the clip's ``[start, end)`` and ``score`` to 3 decimals. The caller closes it
+    (:func:`stages.report.fig_png` does)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    h, w = frame.shape[:2]
+    scale = max(1.0, 320 / w)  # tiny frames drawn at least 320 pixels wide, so the title fits (our choice)
+    fig, ax = plt.subplots(figsize=(w * scale / 100 + 1.2, h * scale / 100 + 0.6))
+    ax.imshow(overlay_image(frame, attention, box), interpolation="nearest")
+    ax.set_axis_off()
+    a = np.asarray(attention, np.float32)
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), OVERLAY_CMAP), ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label(f"E_SGA attention, 0-1 (this map {a.min():.2f}-{a.max():.2f})", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    where = f" (frame {shown} shown)" if shown is not None else ""
+    name = " ".join(p for p in (video, f"clip {clip}" if clip is not None else "") if p)
+    ax.set_title(f"{name + ': ' if name else ''}frames {frames[0]}-{frames[1] - 1}{where}, score {score:.3f}", fontsize=8)
+    return fig
+
+
+def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], attention: np.ndarray,
+                   scores: np.ndarray, video: str = "") -> int:
+    """Write one overlay PNG per clip (see :class:`MistExplainStage`; :func:`overlay_figure`, ``scores``
+    the clips' scores); returns how many."""
     from extractors import EXTRACTORS
     from extractors.transforms import crop_boxes, crop_names, resized_size
+
+    from .report import fig_png
 
     cfg = ctx.cfg.extract
     cls = EXTRACTORS.get_class(cfg.backbone)
@@ -689,8 +752,9 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
     resize = tuple(meta.get("input_resize", cls.resize))
     names = crop_names(crops, cfg.crop_order)
     crop = names.index("c") if "c" in names else 0
-    starts = [a for a, _ in meta["clip_ranges"]]
-    mids = [min(a + (b - a) // 2, meta["n_frames"] - 1) for a, b in meta["clip_ranges"]]
+    n = int(meta["n_frames"])
+    mids = [min(a + (b - a) // 2, n - 1) for a, b in meta["clip_ranges"]]
+    ranges = [(int(a), min(int(b), n)) for a, b in meta["clip_ranges"]]  # a padded last clip: its real frames
     frames = decode_clips(path, mids, 1, ctx.cfg.data.folder_fps)[:, 0]  # [T, H, W, 3]
     h, w = frames.shape[1:3]
     rh, rw = resized_size(h, w, resize)
@@ -700,19 +764,9 @@ def write_overlays(folder: Path, ctx: Context, path: Any, meta: dict[str, Any], 
         s = cls.crop_size
         top, left = crop_boxes(rh, rw, s)["c"]
         box = (round(left * w / rw), round(top * h / rh), round((left + s) * w / rw), round((top + s) * h / rh))
-    import matplotlib
-
-    jet = matplotlib.colormaps["jet"]
     for i, frame in enumerate(frames):
-        a = attention[i, crop].astype(np.float32)
-        heat = Image.fromarray(a, mode="F").resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR)
-        rgb = (jet(np.clip(np.asarray(heat), 0, 1))[..., :3] * 255).astype(np.float32)
-        img = frame.astype(np.float32)
-        region = img[box[1] : box[3], box[0] : box[2]]
-        img[box[1] : box[3], box[0] : box[2]] = 0.5 * region + 0.5 * rgb
-        buf = io.BytesIO()
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
-        atomic_write_bytes(folder / f"clip_{i:04d}_frame_{starts[i]:06d}.png", buf.getvalue())
+        fig = overlay_figure(frame, attention[i, crop], box, float(scores[i]), ranges[i], video, i, mids[i])
+        atomic_write_bytes(folder / f"clip_{i:04d}_frame_{ranges[i][0]:06d}.png", fig_png(fig))
     return len(frames)
 
 

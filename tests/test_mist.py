@@ -219,3 +219,35 @@ def test_fine_tuning_step_on_cuda_with_mixed_precision():
     y = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.0], device=device)
     terms = finetune_step(model, opt, scaler, x, y, 1.0, 1.0, autocast)
     assert math.isfinite(terms["total"])
+
+
+def test_overlay_figure_has_an_attention_colour_bar_and_the_clips_score_and_frames_in_its_title():
+    """One overlay of a tiny synthetic frame: the attention blended over its box, a colour bar over the
+    attention's fixed range [0, 1] (E_SGA's sigmoid, not rescaled per map), the score and frames titled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.mist import overlay_figure
+
+    frame = np.full((24, 32, 3), 100, np.uint8)
+    attention = np.full((2, 2), 0.25, np.float16)  # constant, so the bilinear resize keeps 0.25 everywhere
+    box = (8, 4, 24, 20)  # left, top, right, bottom
+    fig = overlay_figure(frame, attention, box, score=0.8127, frames=(48, 64), video="v01", clip=3)
+    try:
+        assert len(fig.axes) == 2
+        img_ax, bar_ax = fig.axes
+        assert bar_ax.get_label() == "<colorbar>"
+        assert tuple(float(v) for v in bar_ax.get_ylim()) == (0.0, 1.0)
+        assert "attention" in bar_ax.get_ylabel() and "0.25" in bar_ax.get_ylabel()  # this map's min-max
+        title = img_ax.get_title()
+        assert "v01" in title and "clip 3" in title
+        assert "frames 48-63" in title  # [48, 64): the last frame is 63
+        assert "score 0.813" in title  # 0.8127 to 3 decimals
+        shown = np.asarray(img_ax.images[0].get_array())
+        jet = np.asarray(matplotlib.colormaps["jet"](0.25)[:3]) * 255
+        assert (shown[0, 0] == 100).all()  # outside the box: the frame
+        np.testing.assert_allclose(shown[10, 15], np.floor(0.5 * 100 + 0.5 * jet), atol=1)  # inside: blended
+    finally:
+        plt.close(fig)
