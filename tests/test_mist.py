@@ -209,11 +209,13 @@ def test_decode_clips_matches_the_decoded_frames_and_pads_the_end(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fine_tuning_step_on_cuda_with_mixed_precision():
-    from stages.mist import _autocast, finetune_step
+    from pipeline.core.precision import autocast as make_autocast
+    from pipeline.core.precision import grad_scaler
+    from stages.mist import finetune_step
 
     device = torch.device("cuda")
     model = _esga().to(device).train()
-    autocast, scaler = _autocast(device)
+    autocast, scaler = make_autocast(device, "auto"), grad_scaler(device, "auto")  # as stage II chooses
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(6, 3, 16, 64, 64, device=device)
     y = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.0], device=device)
