@@ -32,8 +32,26 @@ Outputs per video, in ``--out`` (default ``RUN_DIR/scores``), each written atomi
 ``<id>.csv`` (``frame,time_s,score``; ``time_s = frame / fps``; the score is empty for frames no clip
 covers, i.e. a trailing partial clip with ``extract.partial_clip=drop``), ``<id>.json`` (fps, frame
 count, clip ranges and scores, scored units, per-frame scores and times, run dir, method, mode,
-cache keys) and ``<id>.png`` (score over time). ``<id>`` is the file's stem or the folder's name
+cache keys, ``resume``: see below) and ``<id>.png`` (score over time). ``<id>`` is the file's stem or the folder's name
 (``-2``, ``-3`` ... when two inputs share one).
+
+Resuming (issue 19): a video whose result in ``--out`` was computed from the same inputs is not
+scored again but reported as ``cached``; the final line says how many were computed and how many
+cached, so after Ctrl-C the same command resumes. The inputs (:meth:`RunScorer.result_inputs`) are
+the video's identity (its resolved path and :func:`pipeline.core.store.fingerprint`: size,
+modification time, sampled content), the sha256 of the detector's ``model.pt`` and of the encoder
+file if one featurises, the detector's method, the mode (online / offline), the extract settings
+that key the extract stage's features (:meth:`stages.extract.ExtractStage.config_inputs`, with the
+extractor's weights checksum and the crops it uses), the segment settings of a segment-level
+detector, the plot's threshold and :data:`SCORE_FORMAT`. Their hash is stored in ``<id>.json`` under
+``resume``, with the sha256 of ``<id>.csv`` and ``<id>.png``, and ``<id>.json`` is written last (our
+choice: one file fewer than a sidecar, and no sidecar name can collide with another video's stem).
+So a run killed at any point leaves either a complete result whose key and file checksums match, or
+one that does not match and is computed again.
+
+Progress: offline scoring shows a bar over the videos and one over the frames of the video being
+scored (:func:`pipeline.core.progress.progress_bar`, stderr; off with ``-q``). Online scoring logs
+every clip instead.
 
 Errors get one line, no traceback: a run-level problem (not a run directory, no trained detector,
 a detector trained on other features than the run's extractor gives, imported features, a MIST
@@ -52,6 +70,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -59,6 +78,10 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+#: version of what ``write`` produces, part of every result's key: raising it makes a rerun compute
+#: every video again after a change to the outputs (our choice)
+SCORE_FORMAT = 1
 
 
 class ScoreError(RuntimeError):
@@ -390,6 +413,7 @@ class RunScorer:
         online: bool = False,
         on_clip: Callable[[ClipScore], None] | None = None,
         video_id: str | None = None,
+        progress: bool = False,
     ) -> ScoredVideo:
         """Per-frame scores of one video (see the module docstring for the two modes).
 
@@ -398,6 +422,8 @@ class RunScorer:
             online: score clip by clip while decoding (causal detectors only).
             on_clip: online mode: called with each :class:`ClipScore` as soon as it is known.
             video_id: output stem (default: the file's stem or the folder's name).
+            progress: offline mode: a bar over the video's frames on stderr (default off: our choice,
+                so that library calls stay silent; ``pipeline score`` turns it on unless ``-q``).
         """
         path = Path(path)
         vid = video_id or _video_id(path)
@@ -406,7 +432,18 @@ class RunScorer:
             self.extractor.attention.clear()  # E_SGA keeps each clip's attention map: not needed here
         if online:
             return self._score_online(path, vid, info, on_clip)
-        return self._score_offline(path, vid, info)
+        return self._score_offline(path, vid, info, progress)
+
+    def _frames_estimate(self, path: Path) -> int | None:
+        """The frame count the container (or folder listing) reports, for the progress bar's total;
+        None when the video cannot be opened (scoring then reports why)."""
+        from pipeline.core.video import open_video
+
+        try:
+            with open_video(path, folder_fps=self.cfg.data.folder_fps) as src:
+                return src.num_frames
+        except Exception:  # only the bar's total is lost; iter_clip_features raises the real error
+            return None
 
     def _score_online(self, path: Path, vid: str, info: dict[str, Any], on_clip: Callable[[ClipScore], None] | None) -> ScoredVideo:
         from stages.evaluate import frames_from_units
@@ -423,19 +460,30 @@ class RunScorer:
         scores, covered = frames_from_units(clip_scores, ranges, int(info["n_frames"]))
         return self._result(path, vid, info, scores, covered, ranges, clip_scores, "clips", ranges, clip_scores, "online", clips)
 
-    def _score_offline(self, path: Path, vid: str, info: dict[str, Any]) -> ScoredVideo:
+    def _score_offline(self, path: Path, vid: str, info: dict[str, Any], progress: bool = False) -> ScoredVideo:
         from pipeline.core.metrics import snippet_level
+        from pipeline.core.progress import progress_bar
         from stages.evaluate import frames_from_units, score_units
         from extractors.stream import iter_clip_features
         from stages.segment import pool_segments, segment_bins
 
         feats_list: list[np.ndarray] = []
         ranges: list[tuple[int, int]] = []
-        for _, (a, b), f in iter_clip_features(self.cfg, self.extractor, path, info=info):
-            if not feats_list:
-                self._check_dim(path, f)
-            feats_list.append(f)
-            ranges.append((a, b))
+        # advanced by each clip's last source frame, so that resampling (extract.target_fps) keeps
+        # the total the container's frame count
+        total = self._frames_estimate(path) if progress else None  # None: cannot be opened, fails below
+        bar = progress_bar(None, True, total=total, desc=vid, unit="frame", leave=False) if total else None
+        try:
+            for _, (a, b), f in iter_clip_features(self.cfg, self.extractor, path, info=info):
+                if not feats_list:
+                    self._check_dim(path, f)
+                feats_list.append(f)
+                ranges.append((a, b))
+                if bar is not None and b > bar.n:
+                    bar.update(b - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
         feats = np.stack(feats_list).astype(np.float32)  # [T, C, D], as the extract stage stores it
         meta = {"clip_ranges": [list(r) for r in ranges], "n_frames": int(info["n_frames"])}
         seg = None
@@ -469,18 +517,93 @@ class RunScorer:
     def cache_keys(self) -> dict[str, str]:
         return {k: Path(v).name for k, v in self.latest.items() if k in ("extract", "segment", "train")}
 
-    def write(self, sv: ScoredVideo, out_dir: Path) -> dict[str, Path]:
-        """Write ``<id>.csv``, ``<id>.json`` and ``<id>.png`` into ``out_dir`` atomically; returns their paths."""
-        from pipeline.core.store import atomic_write_bytes, atomic_write_json, atomic_write_text
+    @cached_property
+    def model_sha256(self) -> str:
+        """sha256 of the detector's ``model.pt`` (read once, when first needed)."""
+        from pipeline.core.store import sha256_file
+
+        return sha256_file(self.model_path)
+
+    @cached_property
+    def encoder_sha256(self) -> str | None:
+        """sha256 of the encoder file that featurises (MIST's ``encoder.pt``, ``extract.encoder``), else None."""
+        from pipeline.core.store import sha256_file
+
+        return sha256_file(self.encoder) if self.encoder is not None else None
+
+    def result_inputs(self, path: str | Path, online: bool = False) -> dict[str, Any] | None:
+        """What one video's scores depend on (the module docstring's "Resuming"); None for a path
+        that cannot be fingerprinted (missing, unreadable: scoring reports it)."""
+        from pipeline.core.store import fingerprint
+        from stages.extract import ExtractStage
+
+        resolved = Path(path).resolve()
+        fp = fingerprint(resolved)
+        if fp.get("missing") or fp.get("unreadable"):
+            return None
+        extract = ExtractStage().config_inputs(self.cfg)  # the settings that key the extract stage's features
+        extract["weights_sha256"] = self.extractor.weights_checksum
+        extract["crops_used"] = getattr(self.extractor, "input_crops", None) or self.cfg.extract.crops
+        seg = self.cfg.segment
+        return {
+            "format": SCORE_FORMAT,
+            "video": {"path": str(resolved), **fp},
+            "model_sha256": self.model_sha256,
+            "encoder_sha256": self.encoder_sha256,
+            "method": self.method,
+            "mode": "online" if online else "offline",
+            "extract": extract,
+            "segment": {"scheme": seg.scheme, "num_segments": seg.num_segments} if self.input_level == "segments" else None,
+            "plot_threshold": self.cfg.evaluate.far_threshold,
+        }
+
+    def cached(self, video_id: str, out_dir: str | Path, inputs: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The ``<id>.json`` of a complete result in ``out_dir`` computed from ``inputs``, else None.
+
+        Complete: the JSON (written last) holds ``inputs``' key, and ``<id>.csv`` / ``<id>.png`` have the
+        size and sha256 it recorded for them."""
+        from pipeline.core.store import sha256_file, stable_hash
+
+        if inputs is None:
+            return None
+        out_dir = Path(out_dir)
+        try:
+            doc = json.loads((out_dir / f"{video_id}.json").read_text())
+            resume = doc["resume"]
+            if resume["key"] != stable_hash(inputs):
+                return None
+            for ext in ("csv", "png"):
+                p, rec = out_dir / f"{video_id}.{ext}", resume["files"][ext]
+                if p.stat().st_size != rec["size"] or sha256_file(p) != rec["sha256"]:
+                    return None
+            _summary(doc)  # the fields the summary line reads
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # absent, partial or foreign: not a result
+            return None
+        return doc
+
+    def write(self, sv: ScoredVideo, out_dir: Path, inputs: dict[str, Any] | None = None) -> dict[str, Path]:
+        """Write ``<id>.csv``, ``<id>.png`` and, last, ``<id>.json`` into ``out_dir``, each atomically;
+        returns their paths.
+
+        ``inputs``: what the scores were computed from (:meth:`result_inputs`, taken before scoring;
+        default: taken now). Its key and the CSV's and plot's checksums go into the JSON's ``resume``."""
+        import hashlib
+
+        from pipeline.core.store import atomic_write_bytes, atomic_write_json, atomic_write_text, stable_hash
 
         out_dir = Path(out_dir)
+        if inputs is None:
+            inputs = self.result_inputs(sv.path, sv.mode == "online")
         paths = {ext: out_dir / f"{sv.id}.{ext}" for ext in ("csv", "json", "png")}
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["frame", "time_s", "score"])
         for i, (t, s) in enumerate(zip(sv.times, sv.scores)):
             w.writerow([i, f"{t:.6f}", "" if np.isnan(s) else f"{s:.6f}"])
+        csv_bytes = buf.getvalue().encode()
+        png_bytes = score_plot(sv, self.cfg.evaluate.far_threshold)
         atomic_write_text(paths["csv"], buf.getvalue())
+        atomic_write_bytes(paths["png"], png_bytes)
 
         def floats(a: np.ndarray, nd: int = 6) -> list[float | None]:
             return [None if not np.isfinite(x) else round(float(x), nd) for x in a]
@@ -517,9 +640,37 @@ class RunScorer:
             if self.input_level == "segments":
                 doc["note"] = ("online scores are per clip (each clip feature normalised as the run's segments are); "
                                "they approximate the offline scores, which score 32-segment means")
-        atomic_write_json(paths["json"], doc)
-        atomic_write_bytes(paths["png"], score_plot(sv, self.cfg.evaluate.far_threshold))
+        doc["resume"] = None if inputs is None else {
+            "key": stable_hash(inputs),
+            "inputs": inputs,
+            "files": {ext: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                      for ext, data in (("csv", csv_bytes), ("png", png_bytes))},
+        }
+        atomic_write_json(paths["json"], doc)  # last: its key vouches for the two files above
         return paths
+
+
+def _summary_line(n_frames: int, fps: float, n_clips: int, mode: str, scores: np.ndarray, times: Any) -> str:
+    """``N frames at F fps, C clips (mode); max score S at T s``."""
+    finite = np.isfinite(scores)
+    peak = int(np.nanargmax(scores)) if finite.any() else 0
+    top = f"{np.nanmax(scores):.4f}" if finite.any() else "nan"
+    return f"{n_frames} frames at {fps:g} fps, {n_clips} clips ({mode}); max score {top} at {times[peak]:.2f} s"
+
+
+def _summary(doc: dict[str, Any]) -> str:
+    """:func:`_summary_line` of a result's JSON."""
+    scores = np.array([np.nan if x is None else x for x in doc["scores"]], np.float64)
+    return _summary_line(int(doc["n_frames"]), float(doc["fps"]), len(doc["clip_ranges"]), str(doc["mode"]),
+                         scores, doc["time_s"])
+
+
+def _say(bar: Any, text: str, file: Any) -> None:
+    """Print a line above the progress bars (tqdm's ``write`` clears and redraws them)."""
+    if hasattr(bar, "write"):
+        bar.write(text, file=file)
+    else:
+        print(text, file=file)
 
 
 def score_plot(sv: ScoredVideo, threshold: float | None = 0.5) -> bytes:
@@ -572,9 +723,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.core.progress import progress_bar
+
+    # offline only: online scoring logs every clip, which is its progress
+    progress = not getattr(args, "quiet", False) and not args.online
     used: set[str] = set()
     failures: list[tuple[Path, str]] = []
-    for path in args.videos:
+    computed = cached = 0
+    bar = progress_bar(list(args.videos), progress, desc="score", unit="video")
+    for path in bar:
         path = Path(path)
         vid = base = _video_id(path)
         n = 1
@@ -583,8 +740,14 @@ def cmd_score(args: argparse.Namespace) -> int:
             vid = f"{base}-{n}"
         used.add(vid)
         try:
-            sv = scorer.score(path, online=args.online, video_id=vid)
-            files = scorer.write(sv, out_dir)
+            inputs = scorer.result_inputs(path, online=args.online)  # before decoding: what is scored
+            doc = scorer.cached(vid, out_dir, inputs)
+            if doc is not None:
+                cached += 1
+                _say(bar, f"{path}: cached: {_summary(doc)} -> {out_dir / f'{vid}.csv'}", sys.stdout)
+                continue
+            sv = scorer.score(path, online=args.online, video_id=vid, progress=progress)
+            files = scorer.write(sv, out_dir, inputs)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one bad video never stops the others
@@ -594,16 +757,18 @@ def cmd_score(args: argparse.Namespace) -> int:
                 log.debug("scoring %s failed", path, exc_info=True)
             if str(path) not in msg:
                 msg = f"{path}: {msg}"
-            print(f"error: {msg}", file=sys.stderr)
+            _say(bar, f"error: {msg}", sys.stderr)
             failures.append((path, msg))
             continue
-        peak = int(np.nanargmax(sv.scores)) if np.isfinite(sv.scores).any() else 0
-        print(f"{path}: {sv.n_frames} frames at {sv.fps:g} fps, {len(sv.clip_ranges)} clips ({sv.mode}); "
-              f"max score {np.nanmax(sv.scores):.4f} at {sv.times[peak]:.2f} s -> {files['csv']}")
+        computed += 1
+        line = _summary_line(sv.n_frames, sv.fps, len(sv.clip_ranges), sv.mode, sv.scores, sv.times)
+        _say(bar, f"{path}: {line} -> {files['csv']}", sys.stdout)
+    summary = f"{computed} computed, {cached} cached"
     if failures:
-        print(f"{len(failures)} of {len(args.videos)} video(s) failed")
+        print(f"{summary}; {len(failures)} of {len(args.videos)} video(s) failed")
         return 1
+    print(summary)
     return 0
 
 
-__all__ = ["ClipScore", "RunScorer", "ScoreError", "ScoredVideo", "cmd_score", "score_plot", "score_video_file"]
+__all__ = ["SCORE_FORMAT", "ClipScore", "RunScorer", "ScoreError", "ScoredVideo", "cmd_score", "score_plot", "score_video_file"]

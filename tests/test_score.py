@@ -350,3 +350,157 @@ def test_method_chooses_among_the_detectors_trained_in_one_run_directory(data, t
     assert sultani["units"]["level"] == "segments"  # scored as its own training: 32-segment bags
     code, _, err = _score(capsys, video, "--run-dir", run_dir, "--method", "ar_net")
     assert code == 2 and "no detector trained with --method ar_net (trained here: sultani_mil, test_clip_mil)" in err
+
+
+# -- issue 19: progress bars and resuming -----------------------------------------------------------
+
+def _two_videos(data: Path, folder: Path) -> list[Path]:
+    """Copies of two test videos (the shared dataset's files are never touched)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for vid in ("test1", "test2"):
+        dest = folder / f"{vid}.mp4"
+        shutil.copy2(data.parent / f"{vid}.mp4", dest)
+        out.append(dest)
+    return out
+
+
+def _mtimes(out_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out_dir.iterdir())}
+
+
+def test_a_second_run_reuses_every_video_scored_with_the_same_inputs(run, data, tmp_path, capsys):
+    videos = _two_videos(data, tmp_path / "v")
+    out_dir = tmp_path / "out"
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0, err
+    assert "2 computed, 0 cached" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{v}.{e}" for v in ("test1", "test2") for e in ("csv", "json", "png")]
+    before = _mtimes(out_dir)
+    first = json.loads((out_dir / "test1.json").read_text())
+    assert first["resume"]["inputs"]["mode"] == "offline"
+    assert first["resume"]["inputs"]["video"]["path"] == str(videos[0].resolve())
+
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0, err
+    assert "0 computed, 2 cached" in out
+    assert f"{videos[0]}: cached: 56 frames at 30 fps, 4 clips (offline)" in out
+    assert _mtimes(out_dir) == before  # nothing rewritten
+
+
+def test_a_changed_video_model_or_mode_is_scored_again(run, data, tmp_path, capsys):
+    import os
+
+    from pipeline.core.store import atomic_torch_save
+
+    videos = _two_videos(data, tmp_path / "v")
+    out_dir = tmp_path / "out"
+    assert _score(capsys, *videos, "--run-dir", run, "--out", out_dir)[0] == 0
+    before = _mtimes(out_dir)
+
+    # touching one file (a new modification time) recomputes that one only
+    st = videos[1].stat()
+    os.utime(videos[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0 and "1 computed, 1 cached" in out, (out, err)
+    after = _mtimes(out_dir)
+    assert {k for k in after if after[k] != before[k]} == {"test2.csv", "test2.json", "test2.png"}
+
+    # replacing a file by another video under the same name: recomputed, with the new video's scores
+    shutil.copy2(data.parent / "test0.mp4", videos[0])
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0 and "1 computed, 1 cached" in out, (out, err)
+    evaluated = np.load(_latest(run)["evaluate"] / "items" / "test0.scores.npy")
+    assert json.loads((out_dir / "test1.json").read_text())["scores"] == pytest.approx(evaluated.astype(np.float64), abs=1e-6)
+
+    # another mode is another result
+    code, out, err = _score(capsys, videos[0], "--run-dir", run, "--out", out_dir, "--online")
+    assert code == 0 and "1 computed, 0 cached" in out, (out, err)
+    assert json.loads((out_dir / "test1.json").read_text())["mode"] == "online"
+
+    # another model (same run directory, retrained weights): everything recomputed
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    model = _latest(copy)["train"] / "model.pt"
+    saved = torch.load(model, weights_only=True)
+    saved["state_dict"] = {k: v * 0.5 for k, v in saved["state_dict"].items()}
+    atomic_torch_save(model, saved)
+    out2 = tmp_path / "out2"
+    assert _score(capsys, *videos, "--run-dir", run, "--out", out2)[0] == 0
+    code, out, err = _score(capsys, *videos, "--run-dir", copy, "--out", out2)
+    assert code == 0 and "2 computed, 0 cached" in out, (out, err)
+
+
+def test_an_incomplete_result_is_not_reused(run, data, tmp_path, capsys):
+    videos = _two_videos(data, tmp_path / "v")
+    out_dir = tmp_path / "out"
+    assert _score(capsys, *videos, "--run-dir", run, "--out", out_dir)[0] == 0
+    (out_dir / "test1.png").unlink()  # a missing output file
+    (out_dir / "test2.csv").write_text("frame,time_s,score\n")  # an output file changed since
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0 and "2 computed, 0 cached" in out, (out, err)
+    assert (out_dir / "test1.png").is_file() and len((out_dir / "test2.csv").read_text().splitlines()) == 65
+
+
+def test_after_an_interruption_a_rerun_computes_only_the_missing_videos(run, data, tmp_path, capsys, monkeypatch):
+    import pipeline.score as score_module
+
+    videos = _two_videos(data, tmp_path / "v")
+    out_dir = tmp_path / "out"
+    original = score_module.RunScorer.write
+    calls = []
+
+    def interrupted(self, sv, out, *a, **k):
+        calls.append(sv.id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, sv, out, *a, **k)
+
+    monkeypatch.setattr(score_module.RunScorer, "write", interrupted)
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 130 and "rerun the same command to resume" in err
+    monkeypatch.setattr(score_module.RunScorer, "write", original)
+    scored = []
+    real_score = score_module.RunScorer.score
+    monkeypatch.setattr(score_module.RunScorer, "score",
+                        lambda self, path, *a, **k: scored.append(Path(path).name) or real_score(self, path, *a, **k))
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0, err
+    assert scored == ["test2.mp4"] and "1 computed, 1 cached" in out
+
+
+def test_an_interrupted_write_leaves_no_usable_result(run, data, tmp_path, capsys, monkeypatch):
+    """Killed after the CSV and plot but before the JSON (written last): the stale JSON of an earlier
+    result no longer matches the new files, so the video is scored again."""
+    import pipeline.core.store as store
+
+    videos = _two_videos(data, tmp_path / "v")[:1]
+    out_dir = tmp_path / "out"
+    assert _score(capsys, *videos, "--run-dir", run, "--out", out_dir, "--online")[0] == 0
+    real = store.atomic_write_json
+
+    def killed(dest, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "atomic_write_json", killed)
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 130
+    monkeypatch.setattr(store, "atomic_write_json", real)
+    assert json.loads((out_dir / "test1.json").read_text())["mode"] == "online"  # the old result's JSON
+    code, out, err = _score(capsys, *videos, "--run-dir", run, "--out", out_dir)
+    assert code == 0 and "1 computed, 0 cached" in out, (out, err)
+    assert json.loads((out_dir / "test1.json").read_text())["mode"] == "offline"
+
+
+def test_progress_bars_on_stderr_unless_quiet(run, data, tmp_path, capsys):
+    videos = _two_videos(data, tmp_path / "v")
+    code = main(["score", *map(str, videos), "--run-dir", str(run), "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "score: 100%" in err and "2/2" in err and "video" in err  # the bar over videos
+    assert "test1: " in err and "frame" in err  # the bar over one video's frames
+    assert "score:" not in out and "2 computed, 0 cached" in out
+
+    code = main(["-q", "score", *map(str, videos), "--run-dir", str(run), "--out", str(tmp_path / "out2")])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "" and "2 computed, 0 cached" in out
