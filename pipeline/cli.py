@@ -176,7 +176,7 @@ def _print_reports(reports: list) -> int:
         failed += r.failed
     for r in reports:
         if r.stage == "evaluate" and r.summary.get("auc") is not None:
-            print(f"\nframe-level AUC: {r.summary['auc']:.4f}   AP: {r.summary['ap']:.4f}   FAR@0.5: {r.summary['far']:.4f}")
+            print(f"\nframe-level AUC: {r.summary['auc']:.4f}   AP: {r.summary['ap']:.4f}   FAR@0.5: {r.summary['far']:.4f}" + (f"   FAR@{r.summary['threshold']:.3g} (training-chosen): {r.summary['far_at_threshold']:.4f}" if r.summary.get("threshold_rule") == "train_youden" and r.summary.get("far_at_threshold") is not None else ""))
             print(f"report:  {r.summary['report']}\nmetrics: {r.summary['metrics']}")
     if failed:
         print(f"\n{len(failed)} failure(s):")

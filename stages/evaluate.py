@@ -6,6 +6,14 @@ units overlap (a short video's segments repeat clips) a frame gets the mean of t
 no unit covers (a trailing partial clip dropped with ``extract.partial_clip=drop``) are left out of
 the metrics, as the published protocols truncate them. Crop scores are averaged per unit, as the
 authors do (RTFM test_10crop.py and Roc-Ng/XDVioDet test.py, test: mean over the crops).
+
+Besides the FAR at the fixed ``evaluate.far_threshold`` (0.5, ``far``), metrics.json has
+``far_at_threshold``, the FAR at a threshold chosen without the test set
+(``evaluate.threshold_rule``, default ``train_youden``): the training videos are scored the same
+way, each video's maximum frame score is its video-level score, and the threshold maximising
+Youden's J against their weak labels is taken (:func:`pipeline.core.metrics.choose_threshold`;
+``threshold``, ``threshold_rule``, ``threshold_note``, ``threshold_train``). The report's
+per-video verdicts use it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.core.store import atomic_save_npy, atomic_write_json
-from pipeline.core.metrics import VideoScores, frame_metrics, snippet_level
+from pipeline.core.metrics import VideoScores, choose_threshold, false_alarm_rate, frame_metrics, snippet_level
 from pipeline.core.errors import StageError
 from pipeline.core.runner import resolve_device
 from pipeline.core.stage import Context, Stage, check_features
@@ -85,7 +93,9 @@ def score_video(
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = 2  # 2: metrics.json gains NG-MIL's top-k precision
+    # 2: metrics.json gains NG-MIL's top-k precision; 3: the training-chosen threshold (threshold,
+    # threshold_rule, threshold_note, threshold_train, far_at_threshold)
+    version = 3
     reads = ("evaluate",)
     manifest_columns = ("id", "split", "label", "class", "intervals")
     upstream = ("extract", "segment", "train")
@@ -140,6 +150,17 @@ class EvaluateStage(Stage):
         if not results:
             raise StageError("no test video could be evaluated: " + "; ".join(f["error"] for f in failures))
         metrics = frame_metrics(results, ctx.cfg.evaluate.far_threshold, snippets=snippets)
+        ev = ctx.cfg.evaluate
+        maxima: dict[str, float] = {}
+        if ev.threshold_rule == "train_youden":
+            maxima = _train_video_maxima(ctx, model, features, inputs.get("segment"), done, device, warnings)
+        labels = {v.id: v.label for v in ctx.manifest.split("train")}
+        chosen = choose_threshold(ev.threshold_rule, ev.far_threshold, maxima, labels)
+        if chosen["threshold_rule"] != ev.threshold_rule:
+            warnings.append(chosen["threshold_note"])
+        log.info("evaluate: %s", chosen["threshold_note"])
+        metrics.update(chosen)
+        metrics["far_at_threshold"] = false_alarm_rate(results, chosen["threshold"])
         metrics["missing_test_videos"] = missing
         metrics["failed_videos"] = failures
         metrics["warnings"] = warnings
@@ -157,10 +178,43 @@ class EvaluateStage(Stage):
             "auc": metrics["auc"],
             "ap": metrics["ap"],
             "far": metrics["far"],
+            "far_threshold": metrics["far_threshold"],
+            "threshold": metrics["threshold"],
+            "threshold_rule": metrics["threshold_rule"],
+            "far_at_threshold": metrics["far_at_threshold"],
             "report": str(out.path / "report.html"),
             "metrics": str(out.path / "metrics.json"),
             "failures": failures,
         }
+
+
+def _train_video_maxima(ctx: Context, model: torch.nn.Module, features: StageDir, segments: StageDir | None,
+                        done: set[str], device: str, warnings: list[str]) -> dict[str, float]:
+    """Each training video's maximum frame score, scored as the test videos are (:func:`score_video`),
+    for :func:`pipeline.core.metrics.choose_threshold`. Videos without features are skipped; one whose
+    features no detector may see (:func:`check_features`) is left out with a warning."""
+    maxima: dict[str, float] = {}
+    dim = getattr(model, "feature_dim", None)
+    for v in ctx.manifest.split("train"):
+        if v.id not in done:
+            continue
+        if segments is not None and model.input_level == "segments":
+            ext = (features.load_meta(v.id), {})  # the clip ranges; the clip features are not needed
+            seg = segments.load_item(v.id)
+            units, src = seg[1]["segments"], segments.item_file(v.id, "segments")
+        else:
+            ext, seg = features.load_item(v.id), None
+            units, src = ext[1]["features"], features.item_file(v.id, "features")
+        try:
+            check_features(units, src, dim)
+        except ValueError as e:
+            log.warning("evaluate: training video %s left out of the threshold choice: %s", v.id, e)
+            warnings.append(f"{v.id}: left out of the threshold choice: {e}")
+            continue
+        scores, covered = score_video(model, ext, seg, device)
+        if covered.any():
+            maxima[v.id] = float(scores[covered].max())
+    return maxima
 
 
 def _check_test_video(ctx: Context, v: Any, model: torch.nn.Module, ext: tuple[dict, dict],

@@ -2,6 +2,10 @@
 
 Images are PNGs drawn with matplotlib's Agg backend and embedded as base64, so the HTML file can be
 moved or mailed on its own; the PNGs are also kept beside it.
+
+The per-video verdicts (false alarm, miss) are at metrics.json's ``threshold``, chosen without the
+test set (``evaluate.threshold_rule``; see ``stages.evaluate``); the report names the rule and shows
+the FAR at the fixed ``evaluate.far_threshold`` (0.5) beside it.
 """
 
 from __future__ import annotations
@@ -52,7 +56,10 @@ def _curves(gt: np.ndarray, scores: np.ndarray) -> bytes:
     return fig_png(fig)
 
 
-def _video_plot(v: VideoRecord, scores: np.ndarray, verdict: "Verdict | None" = None, threshold: float | None = None) -> bytes:
+def _video_plot(v: VideoRecord, scores: np.ndarray, verdict: "Verdict | None" = None, threshold: float | None = None,
+                fixed: float | None = None) -> bytes:
+    """One video's frame scores with its ground truth shaded, ``threshold`` dashed (the verdicts')
+    and ``fixed`` (the FAR's 0.5) dotted when it differs."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 2.2))
@@ -61,6 +68,8 @@ def _video_plot(v: VideoRecord, scores: np.ndarray, verdict: "Verdict | None" = 
     ax.plot(np.arange(len(scores)), scores, color="tab:blue")
     if threshold is not None:
         ax.axhline(threshold, color="grey", ls="--", lw=0.7)
+    if fixed is not None and fixed != threshold:
+        ax.axhline(fixed, color="grey", ls=":", lw=0.7)
     ax.set(ylim=(-0.02, 1.02), xlim=(0, max(1, len(scores) - 1)), xlabel="frame", ylabel="score")
     title = f"{v.id} ({v.cls})" + ("; shaded: ground-truth anomaly" if v.intervals else "")
     if verdict is not None:
@@ -116,7 +125,7 @@ def _training_plot(train_log: Path) -> bytes | None:
 
 @dataclass
 class Verdict:
-    """How one test video fares at the FAR threshold.
+    """How one test video fares at a threshold (the report's: metrics.json's ``threshold``).
 
     ``false_alarm``: share of its ground-truth-normal frames scored above the threshold;
     ``miss``: share of its ground-truth-anomalous frames scored at or below it. ``badness`` orders
@@ -167,7 +176,8 @@ _METRIC_ROWS = (
     ("auc", "frame-level ROC AUC over all test videos"),
     ("ap", "average precision, sklearn average_precision_score (step interpolation)"),
     ("ap_trapezoid", "average precision, auc(recall, precision) (trapezoid, as most repositories report)"),
-    ("far", "false-alarm rate: share of normal-video frames scored above the threshold"),
+    ("far", "false-alarm rate: share of normal-video frames scored above the fixed threshold"),
+    ("far_at_threshold", "false-alarm rate at the threshold chosen without the test set"),
     ("auc_abnormal_only", "ROC AUC over the frames of anomalous test videos only"),
     ("score_gap", "mean score of anomalous frames minus mean score of normal frames"),
     ("topk_precision", "NG-MIL top-k precision: share of truly anomalous snippets among each anomalous "
@@ -194,6 +204,10 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
             v = v.get("precision")
         elif k == "far":
             doc += f" ({metrics.get('far_threshold')})"
+        elif k == "far_at_threshold":
+            if "threshold" not in metrics:
+                continue  # metrics.json of an evaluate stage before version 3
+            doc += f" ({metrics['threshold']:.4g}, rule {metrics.get('threshold_rule')})"
         elif k == "frames":
             v = f"{v} ({metrics.get('anomalous_frames')})"
         rows.append(f"<tr><th>{k}</th><td>{_fmt(v)}</td><td class='doc'>{html.escape(doc)}</td></tr>")
@@ -215,7 +229,12 @@ def write_report(
     import matplotlib
 
     matplotlib.use("Agg")
-    threshold = float(metrics.get("far_threshold") or 0.5)
+    fixed = float(metrics.get("far_threshold") or 0.5)
+    # the verdicts' threshold: the one chosen without the test set (evaluate.threshold_rule)
+    threshold = float(metrics.get("threshold", fixed))
+    note = metrics.get("threshold_note") or f"fixed threshold {fixed:g} (evaluate.far_threshold)"
+    if threshold != fixed:
+        note += f"; FAR at {fixed:g} also shown"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>WS-VAD evaluation</title>",
         "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{padding:2px 10px;text-align:left}"
@@ -226,6 +245,7 @@ def write_report(
         "of the features, segments and detector they came from, and the full configuration, are at the end "
         "and in metrics.json.</p>",
         "<table>" + "".join(_metric_rows(metrics)) + "</table>",
+        f"<p>Per-video verdicts below: {html.escape(note)}.</p>",
     ]
     if metrics.get("missing_test_videos"):
         parts.append(f"<p class='bad'>Test videos without features (not evaluated): "
@@ -249,11 +269,17 @@ def write_report(
                       "thick: moving average.</p>", _img(tl, "training curves")]
         judged = sorted(((v, s, verdict(v, s, threshold)) for v, s in loaded), key=lambda t: t[2].badness, reverse=True)
         parts.append("<h2>Per-video scores: worst false alarms and misses first</h2>")
-        parts.append(f"<p>At threshold {threshold:g}: a <b class='bad'>false alarm</b> is a ground-truth-normal "
+        dotted = f"; {fixed:g} dotted" if threshold != fixed else ""
+        parts.append(f"<p>At threshold {threshold:.4g} (dashed{dotted}): a <b class='bad'>false alarm</b> is a ground-truth-normal "
                      "frame scored above it, a <b class='miss'>miss</b> a ground-truth-anomalous frame scored at or "
                      "below it. Videos are ordered by the larger of the two shares.</p>")
         counts = {lab: sum(j[2].label == lab for j in judged) for lab in ("false alarm", "miss + false alarm", "miss", "correct")}
-        parts.append("<p>" + ", ".join(f"{n} {lab}" for lab, n in counts.items() if n) + "</p>")
+        line = ", ".join(f"{n} {lab}" for lab, n in counts.items() if n)
+        if threshold != fixed:
+            at_fixed = [verdict(v, s, fixed).label for v, s in loaded]
+            line += f" (at {fixed:g}: " + ", ".join(
+                f"{n} {lab}" for lab in counts if (n := at_fixed.count(lab))) + ")"
+        parts.append(f"<p>{html.escape(line)}</p>")
         table = ["<table class='v'><tr><th>video</th><th>class</th><th>verdict</th><th>false-alarm share</th>"
                  "<th>miss share</th></tr>"]
         for v, _, vd in judged:
@@ -264,7 +290,7 @@ def write_report(
         parts.append("".join(table) + "</table>")
         (out_dir / "videos").mkdir(exist_ok=True)
         for v, s, vd in judged:
-            png = _video_plot(v, s, vd, threshold)
+            png = _video_plot(v, s, vd, threshold, fixed)
             atomic_write_bytes(out_dir / "videos" / f"{v.id}.png", png)
             parts.append(f"<div id='v-{html.escape(v.id)}'>{_img(png, f'{vd.label}: {v.id}')}</div>")
     parts.append("<h2>Provenance</h2><p>cache keys: " + html.escape(json.dumps(metrics.get("cache_keys", {}))) + "</p>")

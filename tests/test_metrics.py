@@ -165,3 +165,27 @@ def test_report_puts_worst_false_alarms_and_misses_first_and_is_self_contained(t
     assert not re.search(r"(src|href)=[\"'](?!data:|#)", page) and "http" not in page
     for f in ("curves.png", "training.png", "videos/missed.png"):
         assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_verdicts_at_the_chosen_threshold_beside_the_fixed_one(tmp_path):
+    from pipeline.core.manifest import VideoRecord
+    from stages.report import write_report
+
+    # uncalibrated scores: the anomaly scored 0.4, the normal video 0.1 -> at 0.5 a miss, at 0.3 correct
+    videos = [VideoRecord("a", "a.mp4", "test", 1, "Fight", ((0, 8),)), VideoRecord("n", "n.mp4", "test", 0, "Normal")]
+    scores = {"a": np.r_[np.full(8, 0.4), np.full(8, 0.1)], "n": np.full(16, 0.1)}
+    (tmp_path / "items").mkdir()
+    for k, s in scores.items():
+        np.save(tmp_path / "items" / f"{k}.scores.npy", s.astype(np.float32))
+    metrics = frame_metrics([VideoScores(v.id, scores[v.id], np.asarray(v.frame_labels(16)), v.label, v.cls) for v in videos])
+    metrics.update(threshold=0.3, threshold_rule="train_youden", far_at_threshold=0.0,
+                   threshold_note="threshold 0.3 chosen on the training videos (Youden's J of video-level maxima)")
+    page = write_report(tmp_path, metrics, videos, tmp_path / "items", tmp_path / "none.csv").read_text()
+    assert "threshold 0.3 chosen on the training videos (Youden&#x27;s J of video-level maxima); FAR at 0.5 also shown" in page
+    assert "<p>2 correct (at 0.5: 1 miss, 1 correct)</p>" in page and 'alt="correct: a"' in page
+    assert "<th>far</th>" in page and "<th>far_at_threshold</th>" in page and "(0.3, rule train_youden)" in page
+    # an older metrics.json (no threshold): verdicts at far_threshold, no far_at_threshold row
+    for k in ("threshold", "threshold_rule", "far_at_threshold", "threshold_note"):
+        del metrics[k]
+    page = write_report(tmp_path, metrics, videos, tmp_path / "items", tmp_path / "none.csv").read_text()
+    assert 'alt="miss: a"' in page and "far_at_threshold" not in page and "fixed threshold 0.5" in page

@@ -6,7 +6,8 @@ All metrics are over the concatenation of every test video's evaluated frames:
 - ``ap``: ``sklearn.metrics.average_precision_score`` (step interpolation, as VadCLIP reports);
   ``ap_trapezoid``: ``auc(recall, precision)`` (trapezoid, as RTFM / XD-Violence repos report).
   The two differ; both are labelled.
-- ``far``: share of frames of normal test videos scored above the threshold (0.5).
+- ``far``: share of frames of normal test videos scored above the threshold (0.5);
+  :func:`false_alarm_rate`.
 - ``auc_abnormal_only``: ROC AUC over the frames of anomalous test videos only (BN-WVAD).
 - ``per_class_auc``: for each anomaly class, ROC AUC over that class's videos plus every normal test
   video (MIST's per-class protocol on UCF-Crime).
@@ -19,6 +20,12 @@ All metrics are over the concatenation of every test video's evaluated frames:
 
 :func:`auc_from_roc` gives the area under a published ROC curve (fpr, tpr points) with the same
 ``sklearn.metrics.auc`` trapezoid rule that ``roc_auc_score`` applies to its own curve.
+
+:func:`choose_threshold` picks the threshold of the FAR and the report's per-video verdicts without
+the test set: Youden's J (Youden 1950, "Index for rating diagnostic tests", Cancer 3(1)) on the
+*training* videos' video-level scores (:func:`youden_threshold`). Detector scores are not
+calibrated, so a fixed 0.5 can call a well-ranked run (AUC 0.96) "all missed", or every normal
+frame a false alarm.
 """
 
 from __future__ import annotations
@@ -77,8 +84,7 @@ def frame_metrics(
         out["ap_trapezoid"] = float(auc(recall, precision))
     else:
         out["ap"] = out["ap_trapezoid"] = None
-    normal = [v for v in videos if v.label == 0]
-    out["far"] = float(np.mean(np.concatenate([v.scores for v in normal]) > far_threshold)) if normal else None
+    out["far"] = false_alarm_rate(videos, far_threshold)
     out["far_threshold"] = far_threshold
     abnormal = [v for v in videos if v.label == 1]
     if abnormal:
@@ -96,6 +102,91 @@ def frame_metrics(
     if snippets is not None:
         out["topk_precision"] = topk_precision(snippets, topk)
     return out
+
+
+def false_alarm_rate(videos: list[VideoScores], threshold: float) -> float | None:
+    """Share of the frames of normal videos (``label == 0``) scored above ``threshold`` (``None``
+    without a normal video): the ``far`` metric."""
+    normal = [v for v in videos if v.label == 0]
+    if not normal:
+        return None
+    return float(np.mean(np.concatenate([v.scores for v in normal]) > threshold))
+
+
+#: the rules :func:`choose_threshold` knows (``evaluate.threshold_rule``)
+THRESHOLD_RULES = ("train_youden", "fixed")
+
+
+def youden_threshold(labels, scores) -> dict:
+    """The threshold maximising Youden's J = TPR - FPR over videos with 0/1 ``labels`` and
+    video-level ``scores`` (the evaluate stage passes each training video's maximum frame score).
+
+    The ROC is ``sklearn.metrics.roc_curve`` (every distinct score, ``drop_intermediate=False``),
+    whose points call a video positive when ``score >= t``. The pipeline calls a frame an alarm
+    when ``score > threshold`` (``far``, the report's verdicts), so the returned threshold is the
+    midpoint between the J-maximising ``t`` and the next lower distinct score: ``score >
+    threshold`` splits the videos exactly as ``score >= t`` did (``t`` itself would turn the videos
+    scored exactly ``t`` into misses). J ties go to the highest ``t`` (fewest false alarms).
+
+    Returns:
+        ``{"threshold", "tpr", "fpr", "youden_j"}`` (the rates of the videos at the threshold).
+    Raises:
+        ValueError: no videos, a single class, or no threshold better than chance (max J <= 0),
+            with the reason.
+    """
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels, np.int64).ravel()
+    scores = np.asarray(scores, np.float64).ravel()
+    if labels.size == 0:
+        raise ValueError("no training video has features")
+    if labels.min() == labels.max():
+        which = "anomalous" if labels[0] else "normal"
+        raise ValueError(f"the {labels.size} training videos are only {which} ones")
+    fpr, tpr, thr = roc_curve(labels, scores, drop_intermediate=False)
+    j = tpr - fpr
+    # the first maximum (the highest threshold); equal J by other roundings (1 - 1/3 vs 2/3) tie
+    k = int(np.flatnonzero(j >= j.max() - 1e-9)[0])
+    if j[k] <= 0:
+        raise ValueError("no threshold separates the training videos better than chance (Youden's J <= 0)")
+    # 0 < k < len - 1 here: J is 0 at the first point (nothing positive) and the last (everything)
+    return {"threshold": float((thr[k] + thr[k + 1]) / 2), "tpr": float(tpr[k]), "fpr": float(fpr[k]),
+            "youden_j": float(j[k])}
+
+
+def choose_threshold(rule: str, fixed: float, train_scores: dict[str, float], train_labels: dict[str, int]) -> dict:
+    """The threshold of the FAR and the per-video verdicts, chosen without the test set.
+
+    Args:
+        rule: ``train_youden`` (:func:`youden_threshold` over the training videos) or ``fixed``.
+        fixed: the fixed threshold (``evaluate.far_threshold``), also the fallback of
+            ``train_youden`` when the training videos cannot choose one.
+        train_scores: each training video's video-level score (its maximum frame score).
+        train_labels: each training video's weak 0/1 label.
+    Returns:
+        ``{"threshold", "threshold_rule": the rule that chose it ("fixed" after a fallback),
+        "threshold_note": one sentence naming the rule (and the reason of a fallback),
+        "threshold_train": None, or {"videos", "abnormal", "tpr", "fpr", "youden_j", "max_scores"}}``.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; one of {', '.join(THRESHOLD_RULES)}")
+    if rule == "fixed":
+        return {"threshold": float(fixed), "threshold_rule": "fixed",
+                "threshold_note": f"fixed threshold {fixed:g} (evaluate.far_threshold)", "threshold_train": None}
+    ids = sorted(train_scores)
+    labels = [int(train_labels[i]) for i in ids]
+    try:
+        r = youden_threshold(labels, [train_scores[i] for i in ids])
+    except ValueError as e:
+        return {"threshold": float(fixed), "threshold_rule": "fixed",
+                "threshold_note": f"fixed threshold {fixed:g}: fell back from train_youden because {e}",
+                "threshold_train": None}
+    train = {"videos": len(ids), "abnormal": int(sum(labels)), "tpr": r["tpr"], "fpr": r["fpr"],
+             "youden_j": r["youden_j"], "max_scores": {i: float(train_scores[i]) for i in ids}}
+    return {"threshold": r["threshold"], "threshold_rule": "train_youden",
+            "threshold_note": f"threshold {r['threshold']:.4g} chosen on the training videos (Youden's J of "
+                              f"video-level maxima: TPR {r['tpr']:.2f}, FPR {r['fpr']:.2f} on {len(ids)} videos)",
+            "threshold_train": train}
 
 
 def snippet_level(
