@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("extract_memory")
 
-#: 320x240 at 30 fps: Sultani et al.'s UCF-Crime frame size and rate (PROTOCOLS.md)
+#: 320x240 at 30 fps: Sultani et al.'s UCF-Crime frame size and rate (Sultani et al. 2018, implementation details)
 WIDTH, HEIGHT, FPS = 320, 240, 30
 
 

@@ -21,7 +21,7 @@ are at hand; every one of them contains an anomaly and only 12 % of their frames
   least one normal clip and its anomaly's position is unknown to the detector: weak labels.
   Fold A has 2 normal videos (3 clips), fold B 2 (8 clips): a normal-starved, small-data setting;
 - test: the other fold's full clips with frame-level ground truth; frame-level ROC AUC over the
-  concatenation of the fold's test clips (PROTOCOLS.md, 'Evaluation'), scores mapped to frames
+  concatenation of the fold's test clips (docs/protocols.md, section 7), scores mapped to frames
   through each unit's clip range (``stages.evaluate``).
 
 Training: each detector's own config (architecture, losses, batch composition, optimiser) except

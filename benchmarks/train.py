@@ -3,7 +3,7 @@
     python benchmarks/train.py [--methods NAME ...] [--steps 20] [--videos 1610] [--crops 10]
                                [--dim 2048] [--mean-clips 455] [--device auto] [--json OUT]
 
-The bank imitates UCF-Crime's training set (PROTOCOLS.md, 'Dataset sizes'): 1,610 videos, 810
+The bank imitates UCF-Crime's training set (docs/protocols.md, section 2): 1,610 videos, 810
 anomalous then 800 normal, 10 crops of 2,048-D ResNet-50 I3D features (RTFM's public features).
 Segment-level detectors (Sultani MIL, RTFM, NG-MIL) get ``[1610, 10, 32, 2048]`` bags (4.2 GB);
 clip-level ones (AR-Net, CLAWS) a :class:`~models.base.ClipBank` of every clip, with video lengths
