@@ -156,9 +156,12 @@ def test_an_old_run_directory_is_refused_then_migrated_without_recomputing(tmp_p
     register_test_extractor()
     cfg = build_config([json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))])
     reports = {r.stage: r for r in Runner(make_context(cfg, run, progress=False), all_stages()).run(["evaluate"])}
-    assert {s: (r.state, r.computed) for s, r in reports.items()} == {
-        "extract": ("done", 0), "segment": ("done", 0), "train": ("done", 0), "evaluate": ("done", 0)}
-    assert json.loads((reports["evaluate"].path / "metrics.json").read_text()) == metrics_before
+    assert {s: (r.state, r.computed) for s, r in reports.items() if s != "evaluate"} == {
+        "extract": ("done", 0), "segment": ("done", 0), "train": ("done", 0)}
+    # evaluate's version rose since that run directory was written (3: the training-chosen threshold),
+    # so it runs again, on the migrated features and the cached model: the same figures
+    metrics = json.loads((reports["evaluate"].path / "metrics.json").read_text())
+    assert {k: metrics[k] for k in ("auc", "ap", "far")} == {k: metrics_before[k] for k in ("auc", "ap", "far")}
     assert not (run / "unmigrated").exists()
 
 
