@@ -36,6 +36,10 @@ def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/de
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="sets",
                    help="override one setting, e.g. --set train.lr=0.002 (may be repeated)")
     p.add_argument("--method", default=None, help="detector to train (pipeline list); sets train.method")
+    p.add_argument("--preset", default=None, choices=("quick",),
+                   help="quick: a short training schedule for a small dataset or a CPU (400 steps with the "
+                        "detector's documented short settings; MIST stage II 4 epochs), under --config and --set; "
+                        "not for the published numbers, whose schedules stay the defaults (stages/config.py)")
     p.add_argument("--run-dir", default=run_dir_default, type=Path,
                    help=f"where the run's config, cache and reports live (default: {run_dir_default})")
 
@@ -158,6 +162,11 @@ def _resolve(args: argparse.Namespace, preset: list[dict[str, Any]] | None = Non
             layer = {k: v for k, v in layer.items() if k != "train"}
         layers.append(layer)
     layers += [load_yaml(f) for f in args.config]
+    if getattr(args, "preset", None):
+        from stages.config import preset_layer
+
+        method = build_config(layers, args.sets, args.method).train.method  # the detector the preset shortens
+        layers.insert(0, preset_layer(args.preset, method))
     return build_config(layers, args.sets, args.method)
 
 

@@ -197,6 +197,8 @@ class RunScorer:
         else:
             self.train_dir = self.run_dir / self.latest["train"]
         self.model_path = self.train_dir / "model.pt"
+        #: what the detector was trained on, said wherever it scores a video
+        self.trained_on = trained_on(self.cfg.data.manifest)
         if not self.model_path.is_file():
             raise ScoreError(f"{self.model_path}: no trained detector (model.pt missing); run "
                              f"`pipeline run --stage train --run-dir {self.run_dir}` first")
@@ -619,6 +621,7 @@ class RunScorer:
             "method": sv.method,
             "causal": self.causal,
             "run_dir": str(self.run_dir.resolve()),
+            "trained_on": self.trained_on,
             "model": str(self.model_path.resolve()),
             "cache_keys": self.cache_keys(),
             "extractor": {"name": getattr(self.extractor, "registry_name", ex.backbone),
@@ -702,6 +705,17 @@ def score_video_file(
     return RunScorer(run_dir).score(path, online=online, on_clip=on_clip)
 
 
+#: what a demo-trained detector learned, and what its scores on other footage mean
+DEMO_CAVEAT = ("trained on the synthetic demo dataset (30 generated videos of a plaza; anomalies: a fast vehicle, a "
+               "running crowd, a fall): on your own footage its scores say how much a clip looks like those, not "
+               "whether it is anomalous; train on your own videos for that (README, 'Your own videos')")
+
+
+def trained_on(manifest: str) -> str:
+    """What a run's detector was trained on, from its ``data.manifest``: the demo's caveat, or the manifest."""
+    return DEMO_CAVEAT if manifest == "demo" else f"the videos of manifest {manifest}"
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """``pipeline score``: exit 0 all scored, 1 some videos failed, 2 the run cannot score."""
     from pipeline.core.video import VideoDecodeError
@@ -725,6 +739,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 2
     from pipeline.core.progress import progress_bar
 
+    if scorer.cfg.data.manifest == "demo":  # said once, before any score (and in each video's JSON)
+        print(f"warning: {scorer.method} in {args.run_dir} was {DEMO_CAVEAT}", file=sys.stderr)
     # offline only: online scoring logs every clip, which is its progress
     progress = not getattr(args, "quiet", False) and not args.online
     used: set[str] = set()

@@ -61,3 +61,23 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_before_any_work(tmp_
     assert main(["-q", "run", "--run-dir", str(run_dir), "--stage", "extract"]) == 2
     err = capsys.readouterr().err
     assert "ro: the run directory cannot be written (Read-only file system)" in err and err.count("\n") == 1
+
+
+def test_preset_quick_shortens_the_schedule_under_config_and_set(tmp_path, capsys):
+    """Issue 19: short schedules existed only in code (Detector.short_schedule); --preset quick offers them."""
+    from models import DETECTORS
+    from stages.config import QUICK_ITERATIONS, QUICK_MIST_STAGE2
+
+    for method in DETECTORS.list():
+        assert main(["config", "--preset", "quick", "--method", method, "--run-dir", str(tmp_path / "none")]) == 0
+        shown = capsys.readouterr().out
+        want = {"iterations": QUICK_ITERATIONS, **DETECTORS.get_class(method).short_schedule}
+        if method == "mist":
+            want.update(QUICK_MIST_STAGE2)
+        for key, value in want.items():
+            assert f"train.{key} = {value!r}" in shown, (method, key)
+    # --set wins over the preset; without the preset the published schedule stays the default
+    main(["config", "--preset", "quick", "--method", "rtfm", "--set", "train.iterations=50", "--run-dir", str(tmp_path / "n")])
+    assert "train.iterations = 50 " in capsys.readouterr().out
+    main(["config", "--method", "rtfm", "--run-dir", str(tmp_path / "n")])
+    assert "train.iterations = 15000 " in capsys.readouterr().out

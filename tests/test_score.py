@@ -504,3 +504,21 @@ def test_progress_bars_on_stderr_unless_quiet(run, data, tmp_path, capsys):
     code = main(["-q", "score", *map(str, videos), "--run-dir", str(run), "--out", str(tmp_path / "out2")])
     out, err = capsys.readouterr()
     assert code == 0 and err == "" and "2 computed, 0 cached" in out
+
+
+def test_a_demo_trained_detector_says_what_it_was_trained_on(run, data, tmp_path, capsys):
+    """Issue 19: a detector trained on the synthetic demo flagged real pedestrians with no caveat."""
+    demo_run = tmp_path / "demo_run"
+    shutil.copytree(run, demo_run)
+    cfg = (demo_run / "config.yaml").read_text()
+    (demo_run / "config.yaml").write_text(cfg.replace(f"manifest: {data}", "manifest: demo"))
+    assert "manifest: demo" in (demo_run / "config.yaml").read_text()
+    out = tmp_path / "scores"
+    assert main(["-q", "score", str(data.parent / "test1.mp4"), "--run-dir", str(demo_run), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("synthetic demo dataset") == 1 and "not whether it is anomalous" in err
+    assert "synthetic demo dataset" in json.loads((out / "test1.json").read_text())["trained_on"]
+    # a detector trained on the user's own manifest gets no caveat, only the record of its manifest
+    assert main(["-q", "score", str(data.parent / "test1.mp4"), "--run-dir", str(run), "--out", str(tmp_path / "own")]) == 0
+    assert "synthetic demo" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "own" / "test1.json").read_text())["trained_on"] == f"the videos of manifest {data}"
