@@ -256,6 +256,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.core.errors import StageError
     from pipeline.core.runner import Runner
     from pipeline.core.status import stage_status
     from pipeline.runs import make_context
@@ -268,6 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run_dir}: no such run directory")
     cfg = _resolve(args, use_saved=True)
     runner = Runner(make_context(cfg, args.run_dir, progress=False, store=getattr(args, "store", None)), all_stages())
+    try:
+        runner.check_layout()
+    except StageError as e:  # the earlier layout: say how to migrate rather than call its stages missing
+        print(f"note: {e}")
     for row in stage_status(runner):
         print(f"{row['stage']:<10} {row['state']:<8} {row['why']}")
         if row.get("path") and row["state"] in ("done", "partial"):

@@ -151,6 +151,9 @@ def test_an_old_run_directory_is_refused_then_migrated_without_recomputing(tmp_p
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pipeline migrate --run-dir" in err and "earlier version" in err
 
+    register_test_extractor()
+    assert main(["status", "--run-dir", str(run)]) == 0  # status says how to migrate, too
+    assert "pipeline migrate --run-dir" in capsys.readouterr().out
     assert main(["-q", "migrate", "--run-dir", str(run)]) == 0
     assert "24 per-video items moved" in capsys.readouterr().out  # 12 videos' features and segments
     register_test_extractor()
