@@ -289,7 +289,7 @@ class RunScorer:
             if ckpt.is_file():
                 recorded = torch.load(ckpt, map_location="cpu", weights_only=True).get("config")
                 if recorded:
-                    return build_config([recorded])
+                    return build_config([recorded], method=method)  # to_dict() holds no train.method
             saved = load_yaml(self.run_dir / "config.yaml")
             return build_config([{k: v for k, v in saved.items() if k != "train"}], method=method)
         except (ConfigError, OSError, RuntimeError) as e:

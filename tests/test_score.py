@@ -522,3 +522,24 @@ def test_a_demo_trained_detector_says_what_it_was_trained_on(run, data, tmp_path
     assert main(["-q", "score", str(data.parent / "test1.mp4"), "--run-dir", str(run), "--out", str(tmp_path / "own")]) == 0
     assert "synthetic demo" not in capsys.readouterr().err
     assert json.loads((tmp_path / "own" / "test1.json").read_text())["trained_on"] == f"the videos of manifest {data}"
+
+
+def test_method_of_a_detector_with_its_own_settings_trained_before_the_latest(data, tmp_path, capsys):
+    """score --method X rebuilds X's training config from its checkpoint, whose record holds no
+    train.method: it was read as the default detector's and refused X's own keys (train.alpha)."""
+    from conftest import register_test_extractor
+    from pipeline.core.runner import Runner
+    from pipeline.runs import make_context
+    from stages import all_stages
+    from stages.config import build_config
+
+    register_test_extractor()
+    run_dir = tmp_path / "two"
+    cfg = build_config(sets=[f"data.manifest={data}", "extract.backbone=test_motion", "extract.crops=center",
+                             "train.iterations=20"], method="ar_net")
+    Runner(make_context(cfg, run_dir, progress=False), all_stages()).run(["train"])
+    make_runner(data, run_dir).run(["train"])  # sultani_mil, now the latest
+    code, _, err = _score(capsys, data.parent / "test0.mp4", "--run-dir", run_dir, "--out", tmp_path / "o",
+                          "--method", "ar_net")
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "test0.json").read_text())["method"] == "ar_net"
