@@ -85,22 +85,22 @@ class RTFMConfig(TrainConfig):
     """RTFM settings; each default cites the official code (github.com/tianyu0207/RTFM) or the paper."""
 
     iterations: int = opt(15000, "Adam steps (official option.py --max-epoch 15000, one batch per step; the paper says 50 epochs)")
-    lr: float = opt(1e-3, "Adam learning rate (official option.py --lr '[0.001]*15000', constant; paper Sec. 4.1)")
+    lr: float = opt(1e-3, "Adam learning rate (official option.py --lr '[0.001]*15000', constant; paper Sec. 4.2)")
     weight_decay: float = opt(
         5e-3,
-        "Adam weight decay (official main.py: optim.Adam(weight_decay=0.005)); the paper's Sec. 4.1 says 5e-4",
+        "Adam weight decay (official main.py: optim.Adam(weight_decay=0.005)); the paper's Sec. 4.2 says 5e-4",
     )
     batch_abnormal: int = opt(32, "anomalous videos per batch, all their crops (official option.py --batch-size 32)")
     batch_normal: int = opt(32, "normal videos per batch, all their crops (official option.py --batch-size 32)")
-    k: int = opt(3, "top-k snippets by feature magnitude (official model.py: k = num_segments // 10 = 3; paper Sec. 4.1)")
-    margin: float = opt(100.0, "feature-magnitude margin m (official train.py: RTFM_loss(0.0001, 100); paper Sec. 4.1)")
+    k: int = opt(3, "top-k snippets by feature magnitude (official model.py: k = num_segments // 10 = 3; paper Sec. 4.2)")
+    margin: float = opt(100.0, "feature-magnitude margin m (official train.py: RTFM_loss(0.0001, 100); paper Sec. 4.2)")
     alpha: float = opt(1e-4, "weight of the feature-magnitude loss (official train.py: RTFM_loss(0.0001, 100))")
     lambda_smooth: float = opt(8e-4, "temporal smoothness weight, anomalous videos only (official train.py: smooth(abn_scores, 8e-4))")
     lambda_sparse: float = opt(8e-3, "sparsity weight, anomalous videos only (official train.py: sparsity(abn_scores, .., 8e-3))")
     dropout: float = opt(
         0.7,
         "dropout on the Aggregate output (features) and after fc1 and fc2, training only (official model.py: "
-        "Model.drop_out = Dropout(0.7), used at all three places; paper Sec. 4.1)",
+        "Model.drop_out = Dropout(0.7), used at all three places; paper Sec. 4.2)",
     )
     magnitude_dropout: float | None = opt(
         None,
