@@ -78,6 +78,14 @@ class ExtractStage(Stage):
                 del out[name]
         return out
 
+    def item_identity(self, ctx: Context, video: VideoRecord) -> dict[str, Any]:
+        """The video's path and file fingerprint; with ``extract.import_format`` also its id, by which
+        the imported feature file is found under ``extract.import_root`` (stages/feature_import.py)."""
+        out = super().item_identity(ctx, video)
+        if ctx.cfg.extract.import_format:
+            out["id"] = video.id
+        return out
+
     def extra_inputs(self, ctx: Context) -> dict[str, Any]:
         if ctx.cfg.extract.import_format:
             return {}
