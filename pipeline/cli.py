@@ -91,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="recompute every stage")
     _add_config_args(demo, run_dir_default="runs/demo")
 
+    feat = sub.add_parser("features", parents=[common], help="check this project's features against a feature file",
+                          description="Tools for feature files.")
+    feat_sub = feat.add_subparsers(dest="features_command", required=True, metavar="ACTION")
+    fc = feat_sub.add_parser(
+        "compare", parents=[common], help="extract a video and compare its features with a file, clip by clip",
+        description="Extract VIDEO with the extract settings (--config/--set, as `run`) and compare its features with "
+                    "FEATURES ([T, D] or [T, C, D] .npy): clip counts, per clip and crop the cosine similarity and "
+                    "relative L2, and a verdict (match: relative L2 below --tolerance everywhere). Exit 0 match, "
+                    "1 mismatch, 2 not comparable. See pipeline/features.py.")
+    fc.add_argument("features", type=Path, help="the feature file to check against (e.g. a published one)")
+    fc.add_argument("video", type=Path, help="the video (file or JPEG frame folder) it was made from")
+    fc.add_argument("--crop", type=int, default=None,
+                    help="with a one-crop file and several extracted crops: which extracted crop (default 0, the centre)")
+    fc.add_argument("--tolerance", type=float, default=1e-2,
+                    help="largest relative L2 that counts as a match (default 1e-2: issue 17's criterion)")
+    fc.add_argument("--out", type=Path, default=None, help="write every clip's and crop's figures to this CSV")
+    _add_config_args(fc)
+
     man = sub.add_parser("manifest", parents=[common], help="build a manifest from a benchmark's own annotation files",
                          description="Build a manifest (data_manifests/README.md) for a downloaded benchmark.")
     man_sub = man.add_subparsers(dest="manifest_command", required=True, metavar="ACTION")
@@ -349,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.datasets import cmd_manifest_build
 
             return cmd_manifest_build(args)
+        if args.command == "features":
+            from pipeline.features import cmd_features_compare
+
+            return cmd_features_compare(args, _resolve(args))
         if args.command == "import-features":
             return cmd_import(args)
         if args.command == "score":
