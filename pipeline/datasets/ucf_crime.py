@@ -196,7 +196,8 @@ def build(root: str | Path, annotations: str | Path | None = None) -> BuildResul
                      + (", ".join(clipped) if clipped else "none"))
     else:
         notes.append("no UCF_Annotation_with_frame_counts.txt: intervals are not cut at the frame counts "
-                      "(a few end 1-2 frames past the decoded length; evaluation ignores frames past the end)")
+                      "(a few end 1-2 frames past the decoded length; the evaluate stage then leaves such a video out of the "
+                      "metrics and lists it as a failure: add the file, or cut those intervals in the manifest)")
     if no_interval:
         notes.append(f"{len(no_interval)} anomalous test video(s) without any interval: {', '.join(no_interval[:5])}")
     if odd_name:
