@@ -495,8 +495,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     if min(len(abnormal), len(normal)) < s.batch_videos:
         raise StageError(f"MIST stage II batches hold {s.batch_videos} anomalous and {s.batch_videos} normal videos; "
                          f"the training set has {len(abnormal)} and {len(normal)}: lower train.ft_batch_videos")
-    ctx.ensure_data()
-    try:
+    try:  # the videos are available: the runner made them so for extract, upstream of this stage
         extractor = EXTRACTORS.get(ext.backbone, weights=ext.weights or None, device=str(device))
         torch.manual_seed(cfg.seed)  # E_SGA's new layers start alike whatever ran before in this process
         model = build_esga(extractor, s.expand_k, s.dropout, ext.clip_len, s.bn_batch_stats, s.bn_scale).to(device)

@@ -77,6 +77,8 @@ class Runner:
         self.order = [s.name for s in stages]
         #: this process's rank in a torchrun job (pipeline.core.distributed), or None
         self.dist = dist
+        #: the current pass's stage folders, where _drop_corrupt looks for the owner of a corrupt file
+        self._dirs: dict[str, StageDir | None] = {}
 
     # -- keys ------------------------------------------------------------------------------------
     def stage_root(self, name: str) -> Path:
@@ -216,7 +218,7 @@ class Runner:
         reports: list[StageReport] = []
         fps: dict[str, str] = {}
         dirs: dict[str, StageDir | None] = {}
-        self._dirs = dirs  # where _drop_corrupt looks for the owner of a corrupt file
+        self._dirs = dirs
         for name in self.closure(targets):
             stage = self.stages[name]
             if self._dist_active and not stage.per_video:
@@ -327,9 +329,7 @@ class Runner:
                         stage.name, len(lost), ", ".join(lost[:5]) + (" ..." if len(lost) > 5 else ""))
             sd.done_marker.unlink(missing_ok=True)
         self._open_stage_dir(sd, inputs)
-        todo = [v for v in videos if not sd.item_complete(v.id)]
-        if todo and stage.reads_videos:
-            self.ctx.ensure_data()  # before the frame counts of the shards are read
+        todo = [v for v in videos if not sd.item_complete(v.id)]  # run() made the videos available already
         world = self.dist.world_size if self._dist_active else 1
         if world > 1:
             from pipeline.core.distributed import estimate_frames, shard
@@ -387,8 +387,6 @@ class Runner:
             report.failed = report.summary.get("failures", [])
             return report
         self._open_stage_dir(sd, inputs)
-        if stage.reads_videos:
-            self.ctx.ensure_data()
         self._prepare(stage, sd)
         try:
             summary = stage.run_whole(self.ctx, sd, ups)
@@ -429,7 +427,7 @@ class Runner:
         if e.path is None:
             return None
         path = Path(os.path.abspath(e.path))
-        for owner in getattr(self, "_dirs", {}).values():
+        for owner in self._dirs.values():
             if owner is None or owner.path == current.path:
                 continue
             vid = owner.item_of(path)

@@ -118,8 +118,9 @@ class Stage:
 
     @property
     def reads_videos(self) -> bool:
-        """Whether the stage reads the videos themselves (its key holds their paths): the runner then
-        makes them available (``Context.ensure_data``: the demo's are generated) before computing."""
+        """Whether the stage reads the videos themselves (its key holds their paths): ``Runner.run``
+        then makes them available first (``Context.ensure_data``: the demo's are generated), once,
+        before their fingerprints enter the item keys."""
         return "path" in self.manifest_columns
 
     def upstream_for(self, cfg: Any) -> tuple[str, ...]:
