@@ -61,8 +61,8 @@ def stage_status(runner: Runner) -> list[dict[str, Any]]:
                     fps[name] = runner.output_fingerprint(name, sd)
             else:
                 row["why"] = "started but not finished; rerun resumes from its last checkpoint"
-        elif stage.per_video and sd.complete_items():
-            n_done, n_all = len(sd.complete_items()), len(sd.keys or {})
+        elif stage.per_video and (in_store := sd.complete_items()):  # each call reads every item's marker
+            n_done, n_all = len(in_store), len(sd.keys or {})
             row["state"] = "done" if n_done == n_all else "partial"
             row["why"] = (f"{n_done}/{n_all} videos' items already in the shared store {sd.items.parent.parent.parent} "
                           "(computed by another run or manifest); " + ("a run only records them" if n_done == n_all
