@@ -333,8 +333,11 @@ def iter_clip_features(
     crops = getattr(extractor, "input_crops", None) or cfg.crops
     names = crop_names(crops, cfg.crop_order)
     if info is not None:
+        # n_frames_reported: the container's (or folder listing's) count, known before decoding, for
+        # progress bars; n_frames, set at the end, is what was decoded
         info.update(fps=src.fps, height=src.height, width=src.width, crops=names, crop_setting=crops,
-                    target_fps=cfg.target_fps or None, clip_fps=cfg.target_fps or src.fps)
+                    target_fps=cfg.target_fps or None, clip_fps=cfg.target_fps or src.fps,
+                    n_frames_reported=src.num_frames)
 
     pool = BufferPool(pin_memory=device.type == "cuda", keep=cfg.prefetch_batches + 2)
     trim_heap = _HeapTrimmer()

@@ -436,17 +436,6 @@ class RunScorer:
             return self._score_online(path, vid, info, on_clip)
         return self._score_offline(path, vid, info, progress)
 
-    def _frames_estimate(self, path: Path) -> int | None:
-        """The frame count the container (or folder listing) reports, for the progress bar's total;
-        None when the video cannot be opened (scoring then reports why)."""
-        from pipeline.core.video import open_video
-
-        try:
-            with open_video(path, folder_fps=self.cfg.data.folder_fps) as src:
-                return src.num_frames
-        except Exception:  # only the bar's total is lost; iter_clip_features raises the real error
-            return None
-
     def _score_online(self, path: Path, vid: str, info: dict[str, Any], on_clip: Callable[[ClipScore], None] | None) -> ScoredVideo:
         from stages.evaluate import frames_from_units
 
@@ -472,13 +461,15 @@ class RunScorer:
         feats_list: list[np.ndarray] = []
         ranges: list[tuple[int, int]] = []
         # advanced by each clip's last source frame, so that resampling (extract.target_fps) keeps
-        # the total the container's frame count
-        total = self._frames_estimate(path) if progress else None  # None: cannot be opened, fails below
-        bar = progress_bar(None, True, total=total, desc=vid, unit="frame", leave=False) if total else None
+        # the total the container's frame count, which the decoder reports on opening the video
+        bar = None
         try:
             for _, (a, b), f in iter_clip_features(self.cfg, self.extractor, path, info=info):
                 if not feats_list:
                     self._check_dim(path, f)
+                    if progress and info.get("n_frames_reported"):
+                        bar = progress_bar(None, True, total=info["n_frames_reported"], desc=vid, unit="frame",
+                                           leave=False)
                 feats_list.append(f)
                 ranges.append((a, b))
                 if bar is not None and b > bar.n:
