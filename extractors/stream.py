@@ -2,8 +2,9 @@
 
 Used by the extract stage (``stages/extract.py``), MIST's re-extraction and ``pipeline score``.
 Clip i covers frames ``[16 i, 16 i + 16)`` (non-overlapping 16-frame windows, as the public
-features: RTFM issue 2; UR-DMU ``feature_extract/i3d_extract.py``); a trailing partial clip is
-padded by repeating its last frame (``extract.partial_clip=pad``) or dropped (``drop``).
+features: RTFM issue 2; UR-DMU ``feature_extract/i3d_extract.py``); the frames after the last full
+clip follow ``extract.partial_clip`` (:mod:`extractors.clip_rules`: pad, cycle, drop or
+exclude_last_frame).
 
 The path a clip takes (:func:`iter_clip_features`):
 
@@ -57,8 +58,8 @@ def _settings(ctx_or_cfg: Any) -> Any:
 
 @dataclass
 class _ClipBatch:
-    """Clips packed by the decode thread: ``frames`` ``[B, T, H, W, 3]`` uint8 RGB (a padded clip
-    repeats its last real frame), ``ranges`` each clip's source frame range, ``first`` the index of
+    """Clips packed by the decode thread: ``frames`` ``[B, T, H, W, 3]`` uint8 RGB (a partial clip
+    filled as ``extract.partial_clip`` says), ``ranges`` each clip's source frame range, ``first`` the index of
     the first clip."""
 
     first: int
@@ -137,8 +138,16 @@ def _keep_input_buffer(extractor: Any, buffer: torch.Tensor | None) -> None:
         pass
 
 
+def resize_spec(resize: tuple, resize_round: str = "round") -> tuple:
+    """An extractor's ``resize`` with ``extract.resize_round`` applied to a short-side resize
+    (:func:`extractors.transforms.resized_size`)."""
+    if resize[0] == "short" and resize_round != "round":
+        return ("short", resize[1], resize_round)
+    return tuple(resize)
+
+
 def network_input(extractor: Any, clips: torch.Tensor, crops: str, order: str, resize_dtype: str,
-                  **layout: Any) -> torch.Tensor:
+                  resize_round: str = "round", **layout: Any) -> torch.Tensor:
     """:func:`extractors.transforms.preprocess_clips` of uint8 ``[B, T, H, W, 3]`` clips with the
     extractor's geometry and normalisation (in place where it has ``normalize_``, after the crops
     where it is not pointwise); ``layout``: ``memory_format``, ``max_elements``, ``buffer``.
@@ -148,7 +157,7 @@ def network_input(extractor: Any, clips: torch.Tensor, crops: str, order: str, r
 
     resize_dtype = getattr(extractor, "resize_dtype", None) or resize_dtype
     return preprocess_clips(
-        clips, extractor.resize, extractor.crop_size, crops, order,
+        clips, resize_spec(extractor.resize, resize_round), extractor.crop_size, crops, order,
         normalize=extractor.normalize,
         normalize_after_crop=not getattr(extractor, "pointwise_normalize", False),
         normalize_in_place=getattr(extractor, "normalize_", None),
@@ -201,14 +210,16 @@ def clip_batches(
     into the chunks) besides the packed batch it yields. Adds its own busy time (decoding + packing,
     not the time spent waiting for the consumer) to ``stats['decode_s']``.
     """
+    from extractors.clip_rules import fill_order, keeps_partial
     from pipeline.core.video import VideoDecodeError
 
     pending: list[np.ndarray] = []  # resampled frames not yet in a clip, views into decoded chunks
     pending_src: list[int] = []  # their source frame indices
     ready: list[tuple[list[np.ndarray], tuple[int, int]]] = []  # clips waiting to be packed
     n_src = n_out = n_clips = 0
-    # downsampling: a clip's range ends where the next resampled frame starts, so wait for it
-    lookahead = 1 if resampler is not None and resampler.ratio > 1 else 0
+    # downsampling: a clip's range ends where the next resampled frame starts, so wait for it;
+    # exclude_last_frame: a clip is cut only once a frame after it exists
+    lookahead = 1 if (resampler is not None and resampler.ratio > 1) or partial_clip == "exclude_last_frame" else 0
     busy = 0.0
 
     def take(n: int, end: int) -> None:
@@ -221,9 +232,8 @@ def clip_batches(
         frames = pool.get((len(ready), clip_len, h, w, 3))
         arr = frames.numpy()
         for i, (clip, _) in enumerate(ready):
-            for t, f in enumerate(clip):
-                arr[i, t] = f
-            arr[i, len(clip) :] = clip[-1]  # padding repeats the last real frame
+            for t, j in enumerate(fill_order(len(clip), clip_len, partial_clip)):
+                arr[i, t] = clip[j]  # a partial clip's padding (extractors.clip_rules)
         out = _ClipBatch(n_clips, frames, [r for _, r in ready])
         n_clips += len(ready)
         ready.clear()
@@ -249,9 +259,9 @@ def clip_batches(
                 busy += time.perf_counter() - t0
                 yield batch
                 t0 = time.perf_counter()
-    if len(pending) >= clip_len:  # downsampling: the last full clip, no resampled frame after it
-        take(clip_len, n_src)
-    if pending and partial_clip == "pad":
+    if len(pending) >= clip_len and partial_clip != "exclude_last_frame":
+        take(clip_len, n_src)  # downsampling: the last full clip, no resampled frame after it
+    if pending and keeps_partial(partial_clip):
         take(len(pending), n_src)
     if ready:
         batch = pack()
@@ -393,7 +403,7 @@ def iter_clip_features(
                     continue
                 t = time.perf_counter()
                 x = item.frames.to(device, non_blocking=True)
-                x = network_input(extractor, x, crops, cfg.crop_order, cfg.resize_dtype,
+                x = network_input(extractor, x, crops, cfg.crop_order, cfg.resize_dtype, cfg.resize_round,
                                   memory_format=memory_format, max_elements=max_elements,
                                   buffer=net_input)  # [B*C, 3, T, s, s] on the device
                 if net_input is None or x.untyped_storage().data_ptr() != net_input.untyped_storage().data_ptr():
@@ -464,6 +474,10 @@ def extract_video(ctx: Any, extractor: Any, path: Any) -> tuple[np.ndarray, dict
         "crops": info["crops"],
         "crop_setting": info["crop_setting"],
         "resize_dtype": getattr(extractor, "resize_dtype", None) or cfg.resize_dtype,
+        "resize": list(resize_spec(extractor.resize, cfg.resize_round)),
+        "crop_order": cfg.crop_order,
+        "partial_clip": cfg.partial_clip,
+        "preset": cfg.preset or None,
         "extractor": extractor.registry_name,
         "weights_sha256": extractor.weights_checksum,
         "feature_dim": int(feats.shape[-1]),

@@ -80,10 +80,18 @@ def crop_names(crops: str, order: str = "torchvision") -> list[str]:
 
 
 def resized_size(h: int, w: int, resize: tuple) -> tuple[int, int]:
-    """Output ``(height, width)`` of :func:`resize_frames` for ``h x w`` frames."""
+    """Output ``(height, width)`` of :func:`resize_frames` for ``h x w`` frames.
+
+    ``("short", s)`` rounds the long side to the nearest pixel; ``("short", s, "floor")`` truncates it,
+    as torchvision's ``Resize(int)`` does (``int(s * long / short)``, ``_compute_resized_output_size``
+    in ``torchvision/transforms/functional.py``; ``extract.resize_round``)."""
     if resize[0] == "short":
         s = int(resize[1])
-        return (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+        rule = resize[2] if len(resize) > 2 else "round"
+        if rule not in ("round", "floor"):
+            raise ValueError(f"unknown long-side rounding {rule!r} in resize spec {resize!r}")
+        long_side = (lambda x: int(x)) if rule == "floor" else round
+        return (s, max(1, long_side(w * s / h))) if h <= w else (max(1, long_side(h * s / w)), s)
     if resize[0] == "fixed":
         return (int(resize[1]), int(resize[2]))
     raise ValueError(f"unknown resize spec {resize!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from extractors.presets import preset_layer as feature_preset_layer
 from models.registry import DETECTORS
 from pipeline.core.config import SECTIONS, ConfigError, RunConfig, apply_section, merge, parse_set
 from pipeline.core.registry import RegistryError
@@ -36,6 +37,14 @@ def build_config(
     for layer in layers or []:
         merged = merge(merged, layer)
     merged = merge(merged, parse_set(sets or []))
+    extract_values = merged.get("extract")
+    chosen_preset = extract_values.get("preset") if isinstance(extract_values, dict) else None
+    if chosen_preset:
+        # the preset's values go under every layer, so that a setting given anywhere overrides it
+        try:
+            merged = merge(feature_preset_layer(str(chosen_preset)), merged)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for section in merged:
         if section not in SECTIONS:
             close = difflib.get_close_matches(section, SECTIONS, n=1)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 #: exactly; at these values they are left out of the cache key, so earlier feature caches stay valid
 _NEUTRAL_DEFAULTS = {
     "extract.target_fps": 0.0, "extract.precision": "fp32", "extract.feature_dtype": "float32", "extract.modality": "rgb",
+    "extract.resize_round": "round", "extract.preset": "default",
 }
 
 
@@ -41,12 +42,14 @@ class ExtractStage(Stage):
     name = "extract"
     version = 1
     reads = (
+        "extract.preset",
         "extract.backbone",
         "extract.clip_len",
         "extract.crops",
         "extract.crop_order",
         "extract.partial_clip",
         "extract.resize_dtype",
+        "extract.resize_round",
         "extract.target_fps",
         "extract.precision",
         "extract.feature_dtype",

@@ -26,8 +26,8 @@ and 3) says only that each 16-frame clip's flow frames come from TV-L1 and that 
 features are concatenated (Table 3: 91.24 % AUC on ShanghaiTech); RTFM uses RGB only (RTFM paper
 Sec. 4.2 and Tables 1-3: I3D-RGB). The video's last frame has no
 successor: where a clip would need flow ``N - 1`` the last field ``N - 2`` is repeated, and a padded
-partial clip (``extract.partial_clip=pad``) repeats its last real field as the RGB clip repeats its
-last frame.
+partial clip is filled with its own fields as the RGB clip is with its frames (``extract.partial_clip``,
+:mod:`extractors.clip_rules`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from pipeline.core.manifest import VideoRecord
+from extractors.clip_rules import clip_ranges, fill_order
 from extractors.stream import extract_video
 from pipeline.core.errors import CorruptArtifact, StageError
 from pipeline.core.precision import autocast
@@ -149,22 +150,13 @@ def load_flow(flow_dir: StageDir, vid: str) -> tuple[dict[str, Any], np.ndarray]
 # Reading: flow clips through the flow stream (the extract stage, extract.modality)
 
 
-def clip_ranges(n_frames: int, clip_len: int, partial_clip: str) -> list[tuple[int, int]]:
-    """Clip i covers ``[i * clip_len, min((i + 1) * clip_len, n_frames))``; a trailing partial clip is
-    kept (``pad``) or dropped (``drop``), as the RGB path cuts them without resampling."""
-    out = []
-    for start in range(0, n_frames, clip_len):
-        end = min(start + clip_len, n_frames)
-        if end - start == clip_len or partial_clip == "pad":
-            out.append((start, end))
-    return out
-
-
-def flow_clip_indices(start: int, end: int, clip_len: int, n_flow: int) -> list[int]:
+def flow_clip_indices(start: int, end: int, clip_len: int, n_flow: int, partial_clip: str = "pad") -> list[int]:
     """Flow fields of the clip of frames ``[start, end)`` (module docstring): ``start .. start +
-    clip_len - 1``, each capped at the clip's last real frame ``end - 1`` (padding) and at the last
-    field ``n_flow - 1`` (the video's last frame has no successor)."""
-    return [min(t, end - 1, n_flow - 1) for t in range(start, start + clip_len)]
+    clip_len - 1``; a partial clip's missing fields follow ``partial_clip`` as its RGB frames do (the
+    last real field repeated, or the clip's own fields cycled: :func:`extractors.clip_rules.fill_order`),
+    each capped at the last field ``n_flow - 1`` (the video's last frame has no successor)."""
+    order = fill_order(end - start, clip_len, partial_clip)
+    return [min(start + j, n_flow - 1) for j in order]
 
 
 def iter_flow_clip_features(
@@ -183,7 +175,7 @@ def iter_flow_clip_features(
     with torch.inference_mode():
         for b0 in range(0, len(ranges), cfg.batch_clips):
             batch = ranges[b0 : b0 + cfg.batch_clips]
-            idx = np.array([flow_clip_indices(a, b, cfg.clip_len, len(stored)) for a, b in batch])
+            idx = np.array([flow_clip_indices(a, b, cfg.clip_len, len(stored), cfg.partial_clip) for a, b in batch])
             clips = dequantize_flow(np.asarray(stored[idx.reshape(-1)])).to(device)
             clips = clips.view(len(batch), cfg.clip_len, *clips.shape[1:])
             x = preprocess_flow_clips(clips, extractor.crop_size, cfg.crops, cfg.crop_order)
@@ -268,7 +260,6 @@ def extract_with_flow(
 __all__ = [
     "FlowStage",
     "build_flow_extractor",
-    "clip_ranges",
     "compute_video_flow",
     "extract_with_flow",
     "flow_clip_indices",

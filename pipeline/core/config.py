@@ -56,6 +56,14 @@ class ExtractConfig:
     """Clip feature extraction, as the public feature sets were made (RTFM issues 2, 21 and 33; Roc-Ng/XDVioDet
     README)."""
 
+    preset: str = choice(
+        "default",
+        ("default", "rtfm", "xd_violence", "sultani"),
+        "make features as a public feature set was made (extractors/presets.py): rtfm = RTFM's ResNet-50 I3D "
+        "files, xd_violence = the Roc-Ng / XD-Violence Inception-I3D files, sultani = Sultani et al.'s C3D, "
+        "default = this project's defaults; sets backbone, weights, clip_len, crops, crop_order, partial_clip, "
+        "resize_dtype, resize_round and target_fps, each of which --config / --set still override",
+    )
     backbone: str = opt("i3d_inception", "registered extractor (backbone) name; `pipeline list` prints them")
     weights: str = opt("", "'' = the backbone's default download; a local weights file overriding it; for "
                            "i3d_inception also 'rgb_scratch' (the default, DeepMind's Kinetics-400 from scratch) or "
@@ -73,7 +81,21 @@ class ExtractConfig:
         "10/5-crop order: torchvision (TenCrop/FiveCrop: corners then centre; RTFM issue 33) or roc-ng (centre "
         "first, then the corners: Roc-Ng/XDVioDet README)",
     )
-    partial_clip: str = choice("pad", ("pad", "drop"), "trailing partial clip: pad by repeating the last frame, or drop")
+    partial_clip: str = choice(
+        "pad",
+        ("pad", "cycle", "drop", "exclude_last_frame"),
+        "frames after the last full clip (extractors/clip_rules.py): pad = a partial clip repeating its last "
+        "frame (RTFM issue 53; UR-DMU i3d_extract.py); cycle = a partial clip filled by cycling its own frames "
+        "(Tushar-N/pytorch-resnet3d utils/gtransforms.py LoopPad: RTFM's ResNet-50 features); drop = no partial "
+        "clip; exclude_last_frame = (n_frames - 1) // clip_len clips (the Roc-Ng / XD-Violence files)",
+    )
+    resize_round: str = choice(
+        "round",
+        ("round", "floor"),
+        "long side of a short-side resize: round to the nearest pixel, or floor, as torchvision's Resize(int) "
+        "does (int(256 * long / short); transforms/functional.py _compute_resized_output_size), the resize of "
+        "RTFM issue 21's GroupResize (extractors/transforms.py resized_size)",
+    )
     resize_dtype: str = choice(
         "uint8",
         ("uint8", "float32", "opencv"),
