@@ -67,6 +67,18 @@ class ClipExtractor(ABC):
                 raise StageError(f"extract: {exc}") from exc
         return cls.weights_spec.sha256
 
+    @classmethod
+    def config_options(cls, extract_cfg: Any) -> dict[str, Any]:
+        """Keyword arguments of the constructor, beyond ``weights`` and ``device``, that the run's
+        ``extract`` settings give this extractor (e.g. C3D's mean); the default has none."""
+        return {}
+
+    @classmethod
+    def key_inputs(cls, extract_cfg: Any) -> dict[str, Any]:
+        """What those options contribute to the extract stage's cache key (e.g. a file's sha256), without
+        building the network; the default contributes nothing."""
+        return {}
+
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
         self.weights_override = weights
         self.device = torch.device(device)

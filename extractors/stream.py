@@ -156,6 +156,9 @@ def network_input(extractor: Any, clips: torch.Tensor, crops: str, order: str, r
     from extractors.transforms import preprocess_clips
 
     resize_dtype = getattr(extractor, "resize_dtype", None) or resize_dtype
+    frame_mean = getattr(extractor, "frame_mean", None)  # a mean subtracted per position before cropping
+    if frame_mean is not None:
+        layout["frame_mean"] = frame_mean
     return preprocess_clips(
         clips, resize_spec(extractor.resize, resize_round), extractor.crop_size, crops, order,
         normalize=extractor.normalize,

@@ -126,7 +126,7 @@ def rows_csv(cmp: Comparison) -> str:
 
 def cmd_features_compare(args: argparse.Namespace, cfg: object) -> int:
     """Extract ``args.video`` with ``cfg``'s extract settings and compare it with ``args.features``."""
-    from extractors import EXTRACTORS
+    from extractors.build import build_extractor
     from extractors.stream import extract_video
     from pipeline.core.runner import resolve_device
     from pipeline.core.store import atomic_write_text
@@ -134,7 +134,7 @@ def cmd_features_compare(args: argparse.Namespace, cfg: object) -> int:
 
     theirs = load_reference(Path(args.features))
     ex = cfg.extract  # type: ignore[attr-defined]
-    extractor = EXTRACTORS.get(ex.backbone, weights=ex.weights or None, device=resolve_device(ex.device))
+    extractor = build_extractor(ex, resolve_device(ex.device))
     try:
         ours, meta = extract_video(cfg, extractor, Path(args.video))
     except VideoDecodeError as e:

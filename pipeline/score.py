@@ -223,7 +223,7 @@ class RunScorer:
         self.feature_dim = int(self.saved["feature_dim"])
         self._check_features_match()
 
-        from extractors import EXTRACTORS
+        from extractors.build import build_extractor
         from models import DETECTORS
         from pipeline.core.registry import RegistryError
         from pipeline.core.store import StageDir
@@ -247,7 +247,7 @@ class RunScorer:
 
                 self.extractor = fine_tuned_extractor(ex, self.encoder, self.device)
             else:
-                self.extractor = EXTRACTORS.get(ex.backbone, weights=ex.weights or None, device=self.device)
+                self.extractor = build_extractor(ex, self.device)
         except (RegistryError, OSError, ValueError, RuntimeError) as e:
             raise ScoreError(f"{cfg_path}: cannot build extractor {ex.backbone!r}: {_one_line(e)}") from None
         try:

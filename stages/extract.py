@@ -98,6 +98,7 @@ class ExtractStage(Stage):
         out = {}
         if ctx.cfg.extract.modality != "flow":
             out["weights_sha256"] = cls.expected_checksum(ctx.cfg.extract.weights or None)
+            out.update(cls.key_inputs(ctx.cfg.extract))
         if ctx.cfg.extract.modality != "rgb":
             from stages.flow import flow_weights_checksum
 
@@ -115,7 +116,7 @@ class ExtractStage(Stage):
                 self.importer = FeatureImporter(cfg.import_format, cfg.import_root, cfg.clip_len)
             return
         if self.extractor is None:
-            from extractors import EXTRACTORS
+            from extractors.build import build_extractor
 
             cfg = ctx.cfg.extract
             device = resolve_device(cfg.device)
@@ -130,7 +131,7 @@ class ExtractStage(Stage):
                 if cfg.modality == "flow":
                     self.extractor = self.flow_extractor  # no RGB network to load
                     return
-            self.extractor = EXTRACTORS.get(cfg.backbone, weights=cfg.weights or None, device=device)
+            self.extractor = build_extractor(cfg, device)
             if cfg.encoder:
                 from extractors.sga import SGAExtractor
 

@@ -474,7 +474,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
     epoch when ``i % accumulate == 0``, so gradients left at an epoch's end join the next epoch's first
     step (the official counter restarts every epoch).
     """
-    from extractors import EXTRACTORS
+    from extractors.build import build_extractor
     from extractors.sga import build_esga
     from models import DETECTORS
     from models.mist import class_weights
@@ -496,7 +496,7 @@ def finetune(ctx: Context, out: StageDir, inputs: dict[str, StageDir]) -> dict[s
         raise StageError(f"MIST stage II batches hold {s.batch_videos} anomalous and {s.batch_videos} normal videos; "
                          f"the training set has {len(abnormal)} and {len(normal)}: lower train.ft_batch_videos")
     try:  # the videos are available: the runner made them so for extract, upstream of this stage
-        extractor = EXTRACTORS.get(ext.backbone, weights=ext.weights or None, device=str(device))
+        extractor = build_extractor(ext, device)
         torch.manual_seed(cfg.seed)  # E_SGA's new layers start alike whatever ran before in this process
         model = build_esga(extractor, s.expand_k, s.dropout, ext.clip_len, s.bn_batch_stats, s.bn_scale).to(device)
     except (TypeError, ValueError, OSError) as e:
@@ -609,10 +609,10 @@ def fine_tuned_extractor(extract_cfg: Any, encoder_path: str | Path, device: str
 
     Raises FileNotFoundError (no ``encoder.pt``) or ValueError (fine-tuned from another backbone).
     """
-    from extractors import EXTRACTORS
+    from extractors.build import build_extractor
     from extractors.sga import SGAExtractor
 
-    base = EXTRACTORS.get(extract_cfg.backbone, weights=extract_cfg.weights or None, device=device)
+    base = build_extractor(extract_cfg, device)
     return SGAExtractor(base, encoder_path)
 
 
