@@ -4,12 +4,18 @@ Crop orders:
 
 - ``torchvision``: torchvision's ``TenCrop``/``FiveCrop`` order: top-left, top-right, bottom-left,
   bottom-right, centre, then the same five of the horizontally flipped image (10-crop). RTFM's
-  features used ``TenCrop`` (RTFM issues 21 and 33).
+  features used ``TenCrop`` (RTFM issues 21 and 33). Crop ``tl_flip`` is the top-left crop *of the
+  mirrored frame*, i.e. the mirrored top-right crop, as ``ten_crop`` computes it (``five_crop`` of
+  ``hflip(img)``, torchvision/transforms/functional.py); likewise ``tr_flip`` is the mirrored
+  top-left, ``bl_flip``/``br_flip`` the mirrored bottom-right/bottom-left, ``c_flip`` the mirrored
+  centre (one pixel to the left when ``W - s`` is odd). Before 2026-12 this module mirrored each crop
+  in place, which swapped crops 5/6 and 7/8 relative to ``TenCrop``; the extract stage's cache key
+  records the rule, so no feature of the old order is reused.
 - ``roc-ng``: the Roc-Ng / XD-Violence files ``__0``..``__9``: centre, then the four corners
-  (tl, tr, bl, br), then the flips of those five in the same order. Roc-Ng/XDVioDet's README states
+  (tl, tr, bl, br), then the same five crops of the flipped frame. Roc-Ng/XDVioDet's README states
   only that ``__0`` is the centre and ``__1``..``__4`` the corners; the corners' order and the flipped
   ``__5``..``__9`` of the 10-crop UCF-Crime files are not documented, and are assumed to follow
-  torchvision's corner order. (UR-DMU's own extractor, ``feature_extract/i3d_extract.py``
+  torchvision's (corner order and flipped-frame crops). (UR-DMU's own extractor, ``feature_extract/i3d_extract.py``
   ``oversample_data``, uses yet another order: tl, tr, centre, bl, br, then their flips.)
 
 Resize precision (``extract.resize_dtype``, :data:`RESIZE_DTYPES`):
@@ -130,10 +136,12 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
     boxes = crop_boxes(h, w, size)
     out = []
     for name in crop_names(crops, order):
-        base, flip = (name[:-5], True) if name.endswith("_flip") else (name, False)
-        y0, x0 = boxes[base]
-        c = x[..., y0 : y0 + size, x0 : x0 + size]
-        out.append(c.flip(-1) if flip else c)
+        if name.endswith("_flip"):  # box `name` of the mirrored frame: the mirrored box (y0, W - x0 - s)
+            y0, x0 = boxes[name[:-5]]
+            out.append(x[..., y0 : y0 + size, w - x0 - size : w - x0].flip(-1))
+        else:
+            y0, x0 = boxes[name]
+            out.append(x[..., y0 : y0 + size, x0 : x0 + size])
     return torch.stack(out)
 
 
@@ -334,9 +342,8 @@ def preprocess_clips(
         flipped = x.flip(-1) if any_flip else None  # one copy of the piece's frames
         for c, name in enumerate(names):
             if name.endswith("_flip"):
-                y0, x0 = boxes[name[:-5]]
-                # crop (y0, x0) of the image, mirrored == crop (y0, W - x0 - s) of the mirrored image
-                crop = flipped[..., y0 : y0 + s, ow - x0 - s : ow - x0]
+                y0, x0 = boxes[name[:-5]]  # the box of the mirrored frame (module docstring)
+                crop = flipped[..., y0 : y0 + s, x0 : x0 + s]
             else:
                 y0, x0 = boxes[name]
                 crop = x[..., y0 : y0 + s, x0 : x0 + s]

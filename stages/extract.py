@@ -79,6 +79,11 @@ class ExtractStage(Stage):
         for name, neutral in _NEUTRAL_DEFAULTS.items():
             if out.get(name) == neutral:
                 del out[name]
+        if cfg.extract.crops == "10":
+            # flipped crops are the crops of the mirrored frame, as torchvision's TenCrop cuts them;
+            # earlier versions mirrored each crop in place (extractors/transforms.py), so 10-crop
+            # features of that order get a key of their own and are never reused
+            out["extract.flipped_crops"] = "crops_of_mirrored_frame"
         return out
 
     def item_identity(self, ctx: Context, video: VideoRecord) -> dict[str, Any]:

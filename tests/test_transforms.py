@@ -32,9 +32,26 @@ def test_crop_positions_and_flips():
     assert (bl[0, 0, 0], bl[1, 0, 0]) == (256 - 224, 0)
     assert (br[0, -1, -1], br[1, -1, -1]) == (255, 339)
     assert (c[0, 0, 0], c[1, 0, 0]) == (16, 58)  # round((256-224)/2), round((340-224)/2)
-    assert torch.equal(out[5], out[0].flip(-1))
+    # TenCrop's second five are the five crops of the mirrored frame: its top-left is the mirrored
+    # top-right, and so on (torchvision ten_crop = five_crop of hflip(img))
+    for flipped, mirrored in ((5, 1), (6, 0), (7, 3), (8, 2), (9, 4)):
+        assert torch.equal(out[flipped], out[mirrored].flip(-1)), flipped
     roc = spatial_crops(x, 224, "10", "roc-ng")
-    assert torch.equal(roc[0], out[4]) and torch.equal(roc[5], out[9])
+    assert torch.equal(roc[0], out[4]) and torch.equal(roc[5], out[9]) and torch.equal(roc[6], out[5])
+
+
+def test_ten_crop_is_torchvisions_on_pil() -> None:
+    """Crops, order and flips equal torchvision's TenCrop on a PIL image, for even and odd margins."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    g = np.random.default_rng(0)
+    for h, w in ((256, 340), (256, 341), (257, 300)):
+        img = g.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = spatial_crops(torch.from_numpy(img).permute(2, 0, 1)[None].float(), 224, "10")[:, 0]
+        ref = torch.stack([T.functional.pil_to_tensor(c).float() for c in T.TenCrop(224)(Image.fromarray(img))])
+        assert torch.equal(ours, ref), (h, w)
 
 
 def test_none_keeps_the_whole_frame_and_small_frames_are_refused():
