@@ -28,18 +28,23 @@ from typing import Any
 log = logging.getLogger("pipeline")
 
 STAGE_CHOICES = ("flow", "extract", "segment", "train", "evaluate", "all")  # flow: precompute TV-L1 alone
+#: extract.preset's values (extractors/presets.py PRESETS; spelled out so that `pipeline --help` imports no network)
+FEATURE_PRESETS = ("default", "rtfm", "xd_violence", "sultani")
 
 
-def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/default") -> None:
+def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/default",
+                     training_preset: bool = True) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML config file (may be repeated; later files override earlier ones)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="sets",
                    help="override one setting, e.g. --set train.lr=0.002 (may be repeated)")
     p.add_argument("--method", default=None, help="detector to train (pipeline list); sets train.method")
-    p.add_argument("--preset", default=None, choices=("quick",),
-                   help="quick: a short training schedule for a small dataset or a CPU (400 steps with the "
-                        "detector's documented short settings; MIST stage II 4 epochs), under --config and --set; "
-                        "not for the published numbers, whose schedules stay the defaults (stages/config.py)")
+    if training_preset:
+        p.add_argument("--preset", default=None, choices=("quick",),
+                       help="quick: a short training schedule for a small dataset or a CPU (400 steps with the "
+                            "detector's documented short settings; MIST stage II 4 epochs), under --config and "
+                            "--set; not for the published numbers, whose schedules stay the defaults "
+                            "(stages/config.py)")
     p.add_argument("--run-dir", default=run_dir_default, type=Path,
                    help=f"where the run's config, cache and reports live (default: {run_dir_default})")
 
@@ -107,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--tolerance", type=float, default=1e-2,
                     help="largest relative L2 that counts as a match (default 1e-2: issue 17's criterion)")
     fc.add_argument("--out", type=Path, default=None, help="write every clip's and crop's figures to this CSV")
-    _add_config_args(fc)
+    fc.add_argument("--preset", default=None, choices=FEATURE_PRESETS, dest="feature_preset",
+                    help="extract as this public feature set was made (sets extract.preset, under --config/--set; "
+                    "extractors/presets.py): rtfm, xd_violence, sultani, or default")
+    _add_config_args(fc, training_preset=False)
 
     man = sub.add_parser("manifest", parents=[common], help="build a manifest from a benchmark's own annotation files",
                          description="Build a manifest (data_manifests/README.md) for a downloaded benchmark.")
@@ -143,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the latest trained detector, whatever its method)")
     score.add_argument("--online", action="store_true",
                        help="emit scores clip by clip while decoding (causal detectors only)")
+    score.add_argument("--preset", default=None, choices=FEATURE_PRESETS,
+                       help="the feature preset the detector's features were made with (extractors/presets.py); "
+                       "a run trained on imported features uses the preset of its format without it; a preset "
+                       "that would give other features is refused")
+    score.add_argument("--weights", default=None, metavar="PATH",
+                       help="local weights file of the extractor (e.g. Tushar-N's i3d_r50_kinetics.pth for preset "
+                       "rtfm); for a run's own features it must be the file they were extracted with")
 
     mig = sub.add_parser("migrate", parents=[common], help="move a run directory's per-video items into the shared store",
                          description="A run directory made before the shared store kept its per-video items (features, "
@@ -370,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "features":
             from pipeline.features import cmd_features_compare
 
+            if args.feature_preset:  # first, so that any --set still overrides it
+                args.sets = [f"extract.preset={args.feature_preset}", *args.sets]
             return cmd_features_compare(args, _resolve(args))
         if args.command == "import-features":
             return cmd_import(args)

@@ -140,8 +140,8 @@ def cmd_features_compare(args: argparse.Namespace, cfg: object) -> int:
     except VideoDecodeError as e:
         raise ConfigError(str(e)) from None
     cmp = compare(ours, theirs, args.crop)
-    print(f"{args.video}: {ex.backbone}, crops {ex.crops} ({', '.join(meta['crops'])}), {meta['n_frames']} frames "
-          f"-> {ours.shape}; {args.features} -> {theirs.shape}")
+    print(f"{args.video}: preset {ex.preset}, {ex.backbone}, crops {ex.crops} ({', '.join(meta['crops'])}), "
+          f"partial clip {ex.partial_clip}, {meta['n_frames']} frames -> {ours.shape}; {args.features} -> {theirs.shape}")
     for line in report_lines(cmp, args.tolerance):
         print(line)
     if args.out:

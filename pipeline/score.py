@@ -53,9 +53,16 @@ Progress: offline scoring shows a bar over the videos and one over the frames of
 scored (:func:`pipeline.core.progress.progress_bar`, stderr; off with ``-q``). Online scoring logs
 every clip instead.
 
+Imported features (issue 17): a run trained on ``pipeline import-features`` files has no extractor
+of its own, so scoring extracts with the feature preset that reproduces the format (``rtfm`` ->
+``rtfm``, ``roc-ng`` -> ``xd_violence``, ``sultani`` -> ``sultani``; :mod:`extractors.presets`) and
+the imported files' crop count; ``--weights PATH`` gives that network a local file (e.g. Tushar-N's
+converted ``.pth``). ``--preset`` naming another preset, or a preset the run's own features were not
+made with, and ``--weights`` of other weights than the run extracted with, are refused.
+
 Errors get one line, no traceback: a run-level problem (not a run directory, no trained detector,
-a detector trained on other features than the run's extractor gives, imported features, a MIST
-run's missing ``encoder.pt``) exits 2
+a detector trained on other features than the run's extractor gives, a mismatched preset or weights
+file, a MIST run's missing ``encoder.pt``) exits 2
 before any video is read; a video that fails (missing, unreadable, too short) is reported, the
 others go on, and the exit status is 1.
 """
@@ -167,7 +174,8 @@ class RunScorer:
         ScoreError: see the module docstring.
     """
 
-    def __init__(self, run_dir: str | Path, device: str | None = None, method: str | None = None) -> None:
+    def __init__(self, run_dir: str | Path, device: str | None = None, method: str | None = None,
+                 preset: str | None = None, weights: str | None = None) -> None:
         from pipeline.core.config import ConfigError, load_yaml
         from stages.config import build_config
         from pipeline.core.runner import resolve_device
@@ -202,11 +210,8 @@ class RunScorer:
         if not self.model_path.is_file():
             raise ScoreError(f"{self.model_path}: no trained detector (model.pt missing); run "
                              f"`pipeline run --stage train --run-dir {self.run_dir}` first")
-        if getattr(self.cfg.extract, "import_format", ""):
-            raise ScoreError(
-                f"{cfg_path}: this run's features were imported (extract.import_format="
-                f"{self.cfg.extract.import_format}), so it has no extractor to compute them for a new video"
-            )
+        #: the feature preset scoring extracts with (extractors/presets.py), None for a run's own settings
+        self.feature_preset = self._resolve_extract(preset, weights, cfg_path)
         if getattr(self.cfg.extract, "modality", "rgb") != "rgb":
             # scoring computes RGB features only; a flow detector fed RGB features of the same width
             # would score silently and wrongly
@@ -312,6 +317,83 @@ class RunScorer:
             pass
         return None
 
+    def _resolve_extract(self, preset: str | None, weights: str | None, cfg_path: Path) -> str | None:
+        """Settle the extract settings scoring uses; returns the feature preset they follow.
+
+        A run trained on imported features (``extract.import_format``) has no extractor of its own:
+        scoring extracts with the preset that reproduces that format (:data:`extractors.presets.PRESET_FOR_IMPORT`),
+        with the crop count of the imported files. ``preset`` (``score --preset``) must then be that
+        preset, and for a run of its own features it must be what the run's settings are. ``weights``
+        (``score --weights``) replaces ``extract.weights``: for imported features it is how a user
+        gives the preset's network a local file (nothing can check it against the imported files;
+        ``pipeline features compare`` does); for a run's own features it must be the file the run
+        extracted with (same sha256).
+
+        Raises:
+            ScoreError: a preset or weights file that would give other features than the detector's.
+        """
+        from extractors.presets import PRESET_FOR_IMPORT, differences, preset_layer
+        from pipeline.core.config import ConfigError, apply_section
+
+        ex = self.cfg.extract
+        fmt = ex.import_format
+        if not fmt:
+            if preset is not None:
+                diffs = differences(preset, ex)
+                if diffs:
+                    raise ScoreError(f"{cfg_path}: the detector was trained on features not made with preset "
+                                     f"{preset} ({'; '.join(diffs)}); score without --preset, or retrain")
+            if weights:
+                self._check_same_weights(weights, cfg_path)
+                ex.weights = weights
+            return preset or ex.preset
+        matching = PRESET_FOR_IMPORT[fmt]
+        if preset is not None and preset != matching:
+            raise ScoreError(f"{cfg_path}: the detector was trained on imported {fmt} features, which preset "
+                             f"{matching} reproduces; --preset {preset} would give other features")
+        values = dict(preset_layer(matching)["extract"], preset=matching, import_format="", import_root="")
+        crops = self._imported_crop_setting(cfg_path)
+        if crops:
+            values["crops"] = crops
+        if weights:
+            values["weights"] = weights
+        try:
+            apply_section(ex, values, "extract")
+        except ConfigError as e:
+            raise ScoreError(f"{cfg_path}: {_one_line(e)}") from None
+        log.info("the detector was trained on imported %s features: scoring extracts with preset %s (%s crops); "
+                 "check the match on one video with `pipeline features compare FILE VIDEO --preset %s`",
+                 fmt, matching, ex.crops, matching)
+        return matching
+
+    def _imported_crop_setting(self, cfg_path: Path) -> str | None:
+        """``extract.crops`` of the imported features' crop count (1, 5 or 10), from one imported item."""
+        meta = self._run_extract_meta()
+        if meta is None:
+            return None
+        count = len(meta.get("crops") or [])
+        setting = {1: "center", 5: "5", 10: "10"}.get(count)
+        if setting is None:
+            raise ScoreError(f"{cfg_path}: the imported features have {count} crops; a preset extracts 1, 5 or 10")
+        return setting
+
+    def _check_same_weights(self, weights: str, cfg_path: Path) -> None:
+        """Refuse a weights file other than the one the run's features were extracted with."""
+        from extractors import EXTRACTORS
+
+        cls = EXTRACTORS.get_class(self.cfg.extract.backbone)
+        try:
+            given = cls.expected_checksum(weights)
+        except (FileNotFoundError, OSError) as e:
+            raise ScoreError(f"{weights}: {_one_line(e)}") from None
+        meta = self._run_extract_meta() or {}
+        used = meta.get("weights_sha256")
+        if used is None:
+            log.warning("%s: the run's features record no weights checksum; cannot check --weights %s", cfg_path, weights)
+        elif used != given:
+            raise ScoreError(f"{weights}: sha256 {given[:12]}... differs from the weights the run's features were "
+                             f"extracted with ({used[:12]}...); the detector would score other features")
+
     def _check_features_match(self) -> None:
         """Refuse a detector trained on other features than the run's extractor now gives."""
         from extractors import EXTRACTORS
@@ -328,9 +410,11 @@ class RunScorer:
                 log.warning("%s: cannot read the training config (%s); checking feature size only", ckpt, _one_line(e))
         if trained_cfg:
             t_ex, t_seg = trained_cfg.get("extract", {}), trained_cfg.get("segment", {})
+            # imported features were matched to their preset above (_resolve_extract): only the clip length stays
+            compared = ("clip_len",) if t_ex.get("import_format") else ("backbone", "weights", "clip_len")
             diffs = [
                 f"extract.{k}: trained with {t_ex.get(k)!r}, run now has {getattr(ex, k)!r}"
-                for k in ("backbone", "weights", "clip_len")
+                for k in compared
                 if k in t_ex and t_ex.get(k) != getattr(ex, k)
             ]
             if self.saved.get("input_level") == "segments":
@@ -345,7 +429,7 @@ class RunScorer:
                     f"({'; '.join(diffs)}); retrain with `pipeline run --stage train --run-dir {self.run_dir}`"
                 )
             for k in ("crops", "crop_order", "partial_clip"):
-                if k in t_ex and t_ex.get(k) != getattr(ex, k):
+                if k in t_ex and t_ex.get(k) != getattr(ex, k) and not t_ex.get("import_format"):
                     log.warning("%s: trained with extract.%s=%r, scoring with %r (same feature space; "
                                 "scores may differ slightly from the evaluation's)", self.model_path, k, t_ex[k], getattr(ex, k))
         # 2. feature size: the run's extracted features, else the extractor's declared size
@@ -621,7 +705,7 @@ class RunScorer:
                           # a fine-tuned MIST encoder brings its own test-time input (whole frame: "none")
                           "crops": getattr(self.extractor, "input_crops", None) or ex.crops,
                           "crop_order": ex.crop_order, "clip_len": ex.clip_len,
-                          "partial_clip": ex.partial_clip},
+                          "partial_clip": ex.partial_clip, "preset": self.feature_preset},
             "segment": {"scheme": seg.scheme, "num_segments": seg.num_segments} if self.input_level == "segments" else None,
             "clip_ranges": [list(r) for r in sv.clip_ranges],
             "clip_scores": floats(sv.clip_scores),
@@ -712,7 +796,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.core.video import VideoDecodeError
 
     try:
-        scorer = RunScorer(args.run_dir, method=getattr(args, "method", None))
+        scorer = RunScorer(args.run_dir, method=getattr(args, "method", None), preset=getattr(args, "preset", None),
+                           weights=getattr(args, "weights", None))
         if args.online and not scorer.causal:
             raise ScoreError(f"{scorer.model_path}: detector {scorer.method!r} cannot run causally, so it has no "
                              "online mode; score without --online")

@@ -47,6 +47,23 @@ def test_other_features_and_clip_counts_are_reported(tmp_path, capsys):
     assert "max 0.0476 (clip 1, crop 0)" in out and "MISMATCH" in out
 
 
+def test_preset_sets_the_rules_and_any_set_overrides_it(tmp_path, capsys):
+    video, feats = make(tmp_path)
+    np.save(tmp_path / "same.npy", feats[:, 0])
+    # xd_violence cuts (56 - 1) // 16 = 3 clips where the file (padded partial clip) has 4
+    sets = [*SETS, "--set", "extract.weights="]
+    assert main(["features", "compare", str(tmp_path / "same.npy"), str(video), "--preset", "xd_violence", *sets]) == 1
+    out = capsys.readouterr().out
+    assert "preset xd_violence, test_motion, crops center" in out and "partial clip exclude_last_frame" in out
+    assert "the file has 1 more clip(s)" in out
+    # with the file's clip rule the clips align, but the preset's truncated long side (42 not 43) moves the crop
+    sets += ["--set", "extract.partial_clip=pad"]
+    assert main(["features", "compare", str(tmp_path / "same.npy"), str(video), "--preset", "xd_violence", *sets]) == 1
+    assert "clips: ours 4, the file's 4" in capsys.readouterr().out
+    sets += ["--set", "extract.resize_round=round"]
+    assert main(["features", "compare", str(tmp_path / "same.npy"), str(video), "--preset", "xd_violence", *sets]) == 0
+
+
 def test_inputs_that_cannot_be_compared_are_one_line_and_exit_2(tmp_path, capsys):
     video, feats = make(tmp_path)
     np.save(tmp_path / "wide.npy", np.zeros((3, 1024), np.float32))
