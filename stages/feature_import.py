@@ -8,8 +8,8 @@ that ``segment``, ``train`` and ``evaluate`` run on it unchanged.
 Formats:
 
 - ``rtfm``: one ``<id>_i3d.npy`` (or ``<id>.npy``) per video, float32 ``[T, 10, 2048]``: RTFM's
-  ResNet-50 I3D 10-crop features (Tian et al. 2021). The crop order is not documented upstream;
-  crops are recorded as ``rtfm_0`` .. ``rtfm_9``.
+  ResNet-50 I3D 10-crop features (Tian et al. 2021), cut by torchvision's ``TenCrop`` (RTFM issue 21),
+  i.e. in the ``torchvision`` crop order; crops are recorded as ``rtfm_0`` .. ``rtfm_9``.
 - ``roc-ng``: one file per crop, ``<id>__0.npy`` .. ``<id>__9.npy`` (5 for XD-Violence), each
   ``[T, 1024]`` Inception-I3D; ``__0`` centre, ``__1``-``__4`` corners (Roc-Ng/XDVioDet README), then
   flips (not documented upstream; see :mod:`extractors.transforms`).
