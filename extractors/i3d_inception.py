@@ -374,25 +374,29 @@ class InceptionI3d(nn.Module):
 # Checkpoint reading
 
 
-def _numpy_reconstruct() -> Any:
+def _numpy_multiarray() -> Any:
     core = getattr(np, "_core", None)  # numpy >= 2
     if core is not None:
-        return core.multiarray._reconstruct
-    return np.core.multiarray._reconstruct  # pragma: no cover - numpy 1.x
+        return core.multiarray
+    return np.core.multiarray  # pragma: no cover - numpy 1.x
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler for checkpoints that are nested dicts of numpy arrays, and nothing else.
 
     ``find_class`` resolves only the globals numpy array reconstruction needs
-    (``numpy[._]core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``) and maps Flax's
+    (``numpy[._]core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``; ``scalar`` for numpy
+    scalars) and maps Flax's
     ``FrozenDict`` to ``dict``; any other global (``os.system``, ``builtins.eval``, ...) is refused with
     :class:`pickle.UnpicklingError`, so loading cannot run code.
     """
 
     _ALLOWED: dict[tuple[str, str], Any] = {
-        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
-        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_multiarray()._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_multiarray()._reconstruct,
+        # a numpy scalar (e.g. a Caffe2 checkpoint's iteration counter): built from a dtype and bytes
+        ("numpy.core.multiarray", "scalar"): _numpy_multiarray().scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_multiarray().scalar,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("flax.core.frozen_dict", "FrozenDict"): dict,

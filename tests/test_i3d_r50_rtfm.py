@@ -187,7 +187,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, reference: RefI3Res50, tusha
     folder = tmp_path_factory.mktemp("rtfm_weights")
     training = {f"{k}_momentum": np.full(v.shape, 0.01, np.float32)  # SGD state of the trainable blobs
                 for k, v in blobs.items() if not k.endswith(("_rm", "_riv"))}
-    caffe2 = {**blobs, **training, "lr": np.array([1e-4], np.float32), "model_iter": 400000}
+    # the iteration counter as a numpy scalar, as Caffe2's FetchBlob may hand it over
+    caffe2 = {**blobs, **training, "lr": np.array([1e-4], np.float32), "model_iter": np.int64(400000)}
     out = {"caffe2_py2": write_caffe2_pickle(folder / "i3d_r50_kinetics.pth", caffe2, py2=True)}
     out["tushar_legacy"] = folder / "tushar_legacy.pkl"  # torch < 1.6 format, as the converter wrote it
     torch.save(tushar_state, out["tushar_legacy"], _use_new_zipfile_serialization=False)
