@@ -23,10 +23,33 @@ zeros, which pre-activation fc6 values would not give.
 Preprocessing (C3D paper; MIST's C3D datasets, fjchange/MIST_VAD datasets/dataset.py Test_Dataset_C3D and
 configs/constant.py C3D_MEAN): frames resized to exactly
 128x171 (``resize = ("fixed", 128, 171)``), 112x112 crops (the stage's centre/5/10-crop), pixel values in
-[0, 255] with the per-channel mean [90.25, 97.66, 101.41] subtracted, no scaling. That mean is in *BGR*
-order, as Caffe (OpenCV) reads frames and as the network was trained; the stage hands RGB frames, so
-:meth:`C3dFc6Extractor.normalize` reverses the channels to BGR before subtracting it. (The Caffe original
-subtracts a full 16x128x171 mean cube before cropping; MIST's per-channel values stand in for it.)
+[0, 255] minus a mean, no scaling, in *BGR* order, as Caffe (OpenCV) reads frames and as the network was
+trained; the stage hands RGB frames, so :meth:`C3dFc6Extractor.normalize` reverses the channels to BGR.
+
+The mean (``extract.c3d_mean``, :func:`resolve_c3d_mean`):
+
+- ``"channel"`` (default): the per-channel BGR mean [90.25, 97.66, 101.41] of MIST's C3D datasets,
+  subtracted by :meth:`C3dFc6Extractor.normalize` (``frame_mean`` is None).
+- ``"sports1m"``: the C3D v1.0 release's Sports-1M mean cube, as the Caffe original subtracts it:
+  facebookarchive/C3D ``C3D-v1.0/examples/c3d_feature_extraction/sport1m_train16_128_mean.binaryproto``,
+  the ``mean_file`` of ``prototxt/c3d_sport1m_feature_extractor_frm.prototxt`` and ``_video.prototxt``
+  (the prototxts Sultani et al.'s features come from), a BlobProto of shape 1x3x16x128x171 (BGR).
+  ``src/caffe/layers/video_data_layer.cpp`` (``VideoDataLayerPrefetch``) subtracts it from the
+  16x128x171 resized clip *before* the 112x112 crop, value by value at the crop's own position
+  (``mean[((c * length + l) * height + h + h_off) * width + w + w_off]``), after checking that its
+  shape equals the clip's. The file is downloaded once (:data:`C3D_SPORTS1M_MEAN`, pinned on first
+  download and checked against its git blob id); when it cannot be had, one warning says so and the
+  per-channel mean is used (and keyed) instead: those features are NOT the original's.
+- a local ``.binaryproto`` (C3D's BlobProto, :func:`read_blobproto`) or ``.npy`` ``[3, 16, 128, 171]``
+  float (channels B, G, R, as the cube is stored): :func:`load_c3d_mean`.
+
+With a cube, the extractor's ``frame_mean`` is the cube minus the per-channel mean, in RGB order, which
+:func:`extractors.transforms.preprocess_clips` subtracts from the resized clip before cutting the crops;
+:meth:`~C3dFc6Extractor.normalize` then reverses the channels and subtracts the per-channel mean as
+always, so the network sees ``BGR - cube`` (equal to Caffe's values up to float32 rounding, about
+1e-5). Splitting it this way keeps a caller that knows nothing of ``frame_mean`` (MIST's stage II
+training, which normalises its own augmented crops with ``normalize``) at the per-channel mean of MIST's
+recipe instead of no mean at all.
 
 Weights: the PyTorch port of the Sports-1M Caffe model in github.com/DavideA/c3d-pytorch, file
 ``c3d.pickle`` at the URL of that repository's README, a ``torch.save``'d state dict with the port's names
@@ -45,10 +68,13 @@ expect RGB, that is a one-line change in :meth:`C3dFc6Extractor.normalize` (and 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +82,8 @@ from torch import nn
 from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.i3d_r50 import load_state_dict_checked, read_state_dict
-from extractors.weights import WeightSpec, fetch_weights, pinned_sha256
+from extractors.weights import WeightsError, WeightSpec, cached_weights_path, fetch_weights, pinned_sha256
+from pipeline.core.errors import StageError
 from pipeline.core.store import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -75,6 +102,29 @@ C3D_SPORTS1M = WeightSpec(
 #: (Test_Dataset_C3D, std 1) and configs/constant.py (C3D_MEAN); BGR because C3D v1.0's Caffe video data
 #: layer reads frames with OpenCV, the order the network was trained in.
 C3D_MEAN_BGR = (90.25, 97.66, 101.41)
+
+#: The Sports-1M mean cube of the C3D v1.0 release (module docstring): the raw file of
+#: facebookarchive/C3D at its last commit (71336a2, 2019-07-31; the file dates from ef7c013, 2017-03-01).
+C3D_MEAN_URL = (
+    "https://raw.githubusercontent.com/facebookarchive/C3D/71336a2202e7d605a138c239f56be7b8fcfaaf5b/"
+    "C3D-v1.0/examples/c3d_feature_extraction/sport1m_train16_128_mean.binaryproto"
+)
+#: git blob id (sha1 of ``b"blob <size>\0" + content``) of that file in facebookarchive/C3D's tree: the
+#: only published checksum, checked after the (pinned on first use) download.
+C3D_MEAN_GIT_BLOB = "85608a7a4de476457ee5dfa14857b9ad16f5d913"
+
+C3D_SPORTS1M_MEAN = WeightSpec(
+    name="C3D Sports-1M mean cube (facebookarchive/C3D sport1m_train16_128_mean.binaryproto)",
+    url=C3D_MEAN_URL,
+    sha256=None,  # no sha256 published: pinned on first download, and C3D_MEAN_GIT_BLOB checked
+    filename="c3d-sport1m-train16-128-mean.binaryproto",
+)
+
+#: Shape of the mean cube, channels (B, G, R) x frames x height x width: C3D's video data layer checks
+#: the mean's shape against the 3x16x128x171 clip (src/caffe/layers/video_data_layer.cpp, SetUp).
+C3D_MEAN_SHAPE = (3, 16, 128, 171)
+#: values of ``extract.c3d_mean`` that are not a file
+C3D_MEAN_CHANNEL, C3D_MEAN_SPORTS1M = "channel", "sports1m"
 
 #: Frames are resized to exactly 128x171 before cropping (Tran et al. 2015: 3x16x128x171 inputs;
 #: fjchange/MIST_VAD datasets/dataset.py, Test_Dataset_C3D: height 128, width 171).
@@ -106,7 +156,8 @@ class C3D(nn.Module):
     """C3D, Sports-1M layout (see the module docstring); parameter names ``conv1a.weight`` ... ``fc8.bias``.
 
     Input of every ``forward_*`` method: ``[N, 3, 16, 112, 112]`` float32, **BGR**, pixel values in
-    [0, 255] minus :data:`C3D_MEAN_BGR` (what :meth:`C3dFc6Extractor.normalize` returns).
+    [0, 255] minus :data:`C3D_MEAN_BGR` or minus the mean cube at the crop's position (what the extract
+    stage and :meth:`C3dFc6Extractor.normalize` make; module docstring).
 
     Args:
         num_classes: size of fc8 (487 Sports-1M classes).
@@ -199,12 +250,201 @@ def load_c3d(path: str | Path, pool5: str = "caffe") -> C3D:
     return model.eval()
 
 
+# -- the mean cube ------------------------------------------------------------------------------------
+#: C3D's BlobProto (C3D-v1.0/src/caffe/proto/caffe.proto): num = 1, channels = 2, length = 3 (C3D's
+#: temporal dimension), height = 4, width = 5 (int32 varints); data = 6 (repeated float, packed);
+#: diff = 7 (skipped). BVLC Caffe numbers them differently (height 3, width 4, data 5).
+_BLOB_DIMS = {1: "num", 2: "channels", 3: "length", 4: "height", 5: "width"}
+_BLOB_DATA = 6
+_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(buf: bytes, pos: int, path: Path) -> tuple[int, int]:
+    """The protobuf varint at ``buf[pos]`` and the position after it."""
+    value = 0
+    for i in range(10):
+        if pos + i >= len(buf):
+            raise WeightsError(f"{path}: truncated BlobProto (a varint runs past the end of the file)")
+        byte = buf[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise WeightsError(f"{path}: not a BlobProto (a varint longer than 10 bytes at byte {pos})")
+
+
+def _unpacked_floats(buf: bytes, pos: int, tag: int) -> tuple[np.ndarray, int]:
+    """The run of unpacked float fields starting at ``buf[pos]`` (one-byte ``tag``, then 4 bytes each),
+    read at once: the floats and the position after the run."""
+    records = (len(buf) - pos) // 5
+    tags = np.frombuffer(buf, np.uint8, count=records * 5, offset=pos)[::5]
+    run = int(np.argmin(tags == tag)) if not bool((tags == tag).all()) else records
+    values = np.ndarray((run,), dtype="<f4", buffer=buf, offset=pos + 1, strides=(5,))
+    return values.astype(np.float32), pos + 5 * run
+
+
+def read_blobproto(path: str | Path) -> np.ndarray:
+    """The array of a C3D Caffe ``.binaryproto`` BlobProto, read without protobuf or Caffe.
+
+    A minimal protobuf wire-format reader: varint, 64-bit, length-delimited and 32-bit fields; ``data``
+    (field 6) packed or not, possibly in several pieces; unknown fields skipped. Field numbers are those of
+    C3D's own ``caffe.proto`` (:data:`_BLOB_DIMS`); ``length`` 0 or absent means 1, as C3D's
+    ``Blob::FromProto`` reads it.
+
+    Returns:
+        float32 ``[num, channels, length, height, width]`` (Caffe's NCLHW order).
+    Raises:
+        WeightsError: unreadable, truncated or malformed file, or data whose count is not the product
+            of the dimensions (one line naming the file).
+    """
+    path = Path(path)
+    try:
+        buf = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the C3D mean file: {exc.strerror or exc}") from None
+    dims = {name: 0 for name in _BLOB_DIMS.values()}
+    chunks: list[np.ndarray] = []
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos, path)
+        field, wire = tag >> 3, tag & 7
+        if field in _BLOB_DIMS and wire != _VARINT or field == _BLOB_DATA and wire not in (_BYTES, _FIXED32):
+            raise WeightsError(f"{path}: not a C3D BlobProto (field {field} has wire type {wire}; a BVLC Caffe "
+                               "mean, or another message?)")
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos, path)
+            if field in _BLOB_DIMS:
+                dims[_BLOB_DIMS[field]] = value
+        elif wire == _FIXED32 and field == _BLOB_DATA:
+            values, pos = _unpacked_floats(buf, pos - 1, tag)  # field 6's tag is one byte (0x35)
+            if not values.size:
+                raise WeightsError(f"{path}: truncated BlobProto (a float runs past the end of the file)")
+            chunks.append(values)
+        elif wire in (_FIXED32, _FIXED64):
+            pos += 4 if wire == _FIXED32 else 8
+        elif wire == _BYTES:
+            size, pos = _varint(buf, pos, path)
+            if pos + size > len(buf):
+                raise WeightsError(f"{path}: truncated BlobProto (field {field} needs {size} bytes, "
+                                   f"{len(buf) - pos} left)")
+            if field == _BLOB_DATA:
+                if size % 4:
+                    raise WeightsError(f"{path}: not a BlobProto (packed floats of {size} bytes)")
+                chunks.append(np.frombuffer(buf, "<f4", count=size // 4, offset=pos).astype(np.float32))
+            pos += size
+        else:
+            raise WeightsError(f"{path}: not a BlobProto (unsupported wire type {wire} at byte {pos})")
+        if pos > len(buf):
+            raise WeightsError(f"{path}: truncated BlobProto (a field runs past the end of the file)")
+    shape = (dims["num"], dims["channels"], dims["length"] or 1, dims["height"], dims["width"])
+    data = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if data.size != int(np.prod(shape)):
+        raise WeightsError(f"{path}: BlobProto of shape {'x'.join(map(str, shape))} holds {data.size} values, "
+                           f"expected {int(np.prod(shape))} (truncated or not a mean file)")
+    return data.reshape(shape)
+
+
+def load_c3d_mean(path: str | Path) -> torch.Tensor:
+    """The C3D mean cube in ``path``: ``[3, 16, 128, 171]`` float32, channels B, G, R, values in [0, 255].
+
+    ``path``: a ``.binaryproto`` (C3D's BlobProto, shape 1x3x16x128x171, as
+    ``sport1m_train16_128_mean.binaryproto``) or a ``.npy`` of shape ``[3, 16, 128, 171]``
+    (channels x frames x height x width, channels in BGR order as C3D stores the cube; any float dtype).
+
+    Raises:
+        WeightsError: a missing or unreadable file, another suffix, another shape, or values that are
+            not finite or outside [0, 255] (one line naming the file).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: C3D mean file not found (extract.c3d_mean)")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable .npy array: {exc}") from None
+        if array.dtype.kind != "f":
+            raise WeightsError(f"{path}: the C3D mean must hold floats, not {array.dtype}")
+        expected = "[3, 16, 128, 171] (channels B, G, R x frames x height x width)"
+    elif suffix == ".binaryproto":
+        array = read_blobproto(path)
+        expected = "1x3x16x128x171 (num x channels x length x height x width)"
+    else:
+        raise WeightsError(f"{path}: a C3D mean must be a .binaryproto or a .npy file")
+    shape = tuple(array.shape)
+    if suffix == ".binaryproto" and shape[0] == 1:
+        array = array[0]
+    if tuple(array.shape) != C3D_MEAN_SHAPE:
+        raise WeightsError(f"{path}: C3D mean of shape {'x'.join(map(str, shape))}, expected {expected}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise WeightsError(f"{path}: C3D mean values must be finite pixel values in [0, 255]")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def git_blob_sha1(path: str | Path) -> str:
+    """Git's object id of the file's content (sha1 of ``b"blob <size>\\0" + content``)."""
+    data = Path(path).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+#: what ``extract.c3d_mean=sports1m`` resolved to in this process, per cache file: the file and its sha256,
+#: or None (not available: warned once, the per-channel mean used). Remembered so that the cache key and
+#: the extractor built after it agree, and the warning is given once.
+_SPORTS1M_RESOLVED: dict[str, tuple[Path, str] | None] = {}
+
+
+def _sports1m_mean_file() -> tuple[Path, str] | None:
+    """The verified Sports-1M mean cube file and its sha256, or None (after one warning) when it cannot be had."""
+    where = str(cached_weights_path(C3D_SPORTS1M_MEAN))
+    if where not in _SPORTS1M_RESOLVED:
+        try:
+            path = fetch_weights(C3D_SPORTS1M_MEAN)
+        except WeightsError as exc:
+            logger.warning(
+                "extract.c3d_mean=sports1m: the C3D Sports-1M mean cube cannot be had (%s); features fall back "
+                "to the per-channel mean and are NOT Sultani et al.'s (keyed as extract.c3d_mean=channel)", exc,
+            )
+            _SPORTS1M_RESOLVED[where] = None
+            return None
+        blob = git_blob_sha1(path)
+        if blob != C3D_MEAN_GIT_BLOB:
+            raise WeightsError(
+                f"{path} is not C3D's sport1m_train16_128_mean.binaryproto: git blob {blob}, expected "
+                f"{C3D_MEAN_GIT_BLOB}; delete it and its .sha256 pin to download it again from {C3D_MEAN_URL}"
+            )
+        _SPORTS1M_RESOLVED[where] = (path, sha256_file(path))
+    return _SPORTS1M_RESOLVED[where]
+
+
+def resolve_c3d_mean(setting: str) -> tuple[Path, str] | None:
+    """The mean cube file an ``extract.c3d_mean`` setting names, with its sha256; None for the per-channel mean.
+
+    ``"channel"`` -> None; ``"sports1m"`` -> the downloaded release file (None, after one warning per
+    process, when it cannot be had); anything else -> that local file.
+
+    Raises:
+        WeightsError: a local file that does not exist, or a download that is not the release's file.
+    """
+    if setting == C3D_MEAN_CHANNEL:
+        return None
+    if setting == C3D_MEAN_SPORTS1M:
+        return _sports1m_mean_file()
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"extract.c3d_mean={setting!r}: no such file (expected '{C3D_MEAN_CHANNEL}', "
+            f"'{C3D_MEAN_SPORTS1M}' or a .binaryproto / .npy mean cube)"
+        )
+    return path, sha256_file(path)
+
+
 @EXTRACTORS.register("c3d_fc6")
 class C3dFc6Extractor(ClipExtractor):
     """C3D Sports-1M fc6 (after ReLU by default): one 4096-D vector per 16-frame clip.
 
-    Preprocessing (done by the extract stage): frames resized to 128x171, 112x112 crops; :meth:`normalize`
-    turns RGB [0, 255] into Caffe's BGR minus the channel mean.
+    Preprocessing (done by the extract stage): frames resized to 128x171, minus :attr:`frame_mean` when a
+    mean cube is used, 112x112 crops; :meth:`normalize` turns RGB [0, 255] into Caffe's BGR minus the
+    channel mean (module docstring).
 
     Args:
         weights: optional local file (``--set extract.weights=PATH``): the port's ``c3d.pickle`` or a
@@ -213,6 +453,14 @@ class C3dFc6Extractor(ClipExtractor):
         device: torch device for the network.
         fc6_relu: fc6 after the ReLU (default, as C3D's in-place ``relu6`` on ``fc6-1``) or before it.
         pool5: ``"caffe"`` (default) or ``"port"``, see :class:`C3D`.
+        mean: ``extract.c3d_mean``: ``"channel"`` (default), ``"sports1m"`` or a mean cube file
+            (:func:`resolve_c3d_mean`).
+
+    Attributes:
+        frame_mean: None (per-channel mean), or ``[3, 16, 128, 171]`` float32 on ``device``: the mean cube
+            minus :data:`C3D_MEAN_BGR`, channels reversed to R, G, B, which the extract stage subtracts
+            from the resized clips before cropping (``extractors.transforms.preprocess_clips``).
+        mean_sha256: sha256 of the mean cube file in use, or None.
 
     ``fc6_relu`` and ``pool5`` are not configuration keys (the extract stage builds the defaults and they
     do not enter its cache key); they exist for comparisons in code.
@@ -230,6 +478,7 @@ class C3dFc6Extractor(ClipExtractor):
         device: str = "cpu",
         fc6_relu: bool = True,
         pool5: str = "caffe",
+        mean: str = C3D_MEAN_CHANNEL,
     ) -> None:
         super().__init__(weights=weights, device=device)
         self.fc6_relu = fc6_relu
@@ -239,6 +488,33 @@ class C3dFc6Extractor(ClipExtractor):
         self._checksum = digest
         self.model = load_c3d(path, pool5=pool5).to(self.device)
         self._mean_bgr = torch.tensor(C3D_MEAN_BGR, dtype=torch.float32).view(1, 3, 1, 1, 1)
+        source = resolve_c3d_mean(mean)
+        self.mean_sha256: str | None = source[1] if source is not None else None
+        self.frame_mean: torch.Tensor | None = None
+        if source is not None:
+            residual = load_c3d_mean(source[0]) - self._mean_bgr[0]  # [3, 16, 128, 171], B, G, R
+            self.frame_mean = residual.flip(0).contiguous().to(self.device)
+            logger.info("C3D: subtracting the mean cube %s (sha256 %s) before cropping", source[0], source[1])
+
+    @classmethod
+    def config_options(cls, extract_cfg: Any) -> dict[str, Any]:
+        """``{"mean": extract.c3d_mean}``."""
+        return {"mean": getattr(extract_cfg, "c3d_mean", C3D_MEAN_CHANNEL)}
+
+    @classmethod
+    def key_inputs(cls, extract_cfg: Any) -> dict[str, Any]:
+        """``{"c3d_mean_sha256": ...}`` of the mean cube actually used; nothing for the per-channel mean
+        (``"channel"``, or ``"sports1m"`` when the cube cannot be had), so those keys are the ones from
+        before the setting existed.
+
+        Raises:
+            StageError: a mean file that does not exist or a download that is not the release's file.
+        """
+        try:
+            source = resolve_c3d_mean(getattr(extract_cfg, "c3d_mean", C3D_MEAN_CHANNEL))
+        except WeightsError as exc:  # called before the runner's error handling: one line, not a traceback
+            raise StageError(f"extract: {exc}") from exc
+        return {} if source is None else {"c3d_mean_sha256": source[1]}
 
     @property
     def weights_checksum(self) -> str:
@@ -249,7 +525,8 @@ class C3dFc6Extractor(ClipExtractor):
         """RGB to Caffe's input: ``[N, 3, T, H, W]`` RGB in [0, 255] -> float32 **BGR** minus :data:`C3D_MEAN_BGR`.
 
         Output channel 0 is blue minus 90.25, 1 green minus 97.66, 2 red minus 101.41; values in about
-        [-101.4, 164.8].
+        [-101.4, 164.8]. With a mean cube, ``clips`` already had :attr:`frame_mean` subtracted (the
+        extract stage does it before cropping), and the result is BGR minus the cube.
         """
         bgr = clips.to(torch.float32).flip(1)
         return bgr - self._mean_bgr.to(bgr.device)

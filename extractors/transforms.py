@@ -215,6 +215,19 @@ def _output(shape: tuple[int, ...], device: torch.device, memory_format: torch.m
     return torch.empty(shape, dtype=torch.float32, device=device, memory_format=memory_format)
 
 
+def _frame_mean_on(frame_mean: torch.Tensor | None, shape: tuple[int, int, int, int],
+                   device: torch.device) -> torch.Tensor | None:
+    """``frame_mean`` as float32 on ``device``, checked to be ``shape`` ``(3, T, h, w)``."""
+    if frame_mean is None:
+        return None
+    if tuple(frame_mean.shape) != shape:
+        raise ValueError(
+            f"frame_mean has shape {tuple(frame_mean.shape)}; these clips need {shape} "
+            "([3, T, h, w] of the resized clip)"
+        )
+    return frame_mean.to(device=device, dtype=torch.float32)
+
+
 def _pieces(b: int, t: int, frames: int) -> list[tuple[int, int, int, int]]:
     """``(b0, b1, t0, t1)``: clips ``[b0, b1)``, frames ``[t0, t1)`` of each, at most ``frames``
     frames per piece (at least one): whole clips when one fits, else runs of one clip's frames.
@@ -242,6 +255,7 @@ def preprocess_clips(
     buffer: torch.Tensor | None = None,
     resize_dtype: str = "uint8",
     normalize_in_place: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    frame_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched resize + crops (+ normalisation) of uint8 clips, on whatever device ``clips`` is on.
 
@@ -253,6 +267,12 @@ def preprocess_clips(
     values: every per-channel scale / mean / std / channel reordering), or, when the crops hold fewer
     pixels than the resized frame (a single centre crop), once on the crops; set
     ``normalize_after_crop`` for a normalisation that is not pointwise.
+
+    ``frame_mean`` (a mean per position of the resized clip, as C3D's Caffe video data layer
+    subtracts its mean cube: ``extractors.c3d``) is subtracted from each resized clip before
+    ``normalize`` and before the crops are cut, so each crop, flipped or not, sees the mean at its
+    own position (the per-clip equivalent: :func:`resize_frames`, minus ``frame_mean`` permuted to
+    ``[T, 3, h, w]``, then :func:`spatial_crops`).
 
     Memory: clips are processed in pieces holding at most ``max_elements`` input values (whole
     clips when one fits, else consecutive frames of one clip; at least one frame), each piece's
@@ -279,6 +299,9 @@ def preprocess_clips(
             function owns (one scratch tensor reused by every piece) or on the output's crops,
             and allocates nothing per piece. Fresh temporaries of each piece's size cost their
             page faults every time on the CPU (about half the preprocessing time of 5 crops).
+        frame_mean: ``[3, T, h, w]`` float32, RGB channel order, in the geometry of the RESIZED frame
+            (``h, w`` = :func:`resized_size`; T = the clips' T), values on the [0, 255] pixel scale,
+            subtracted from every clip before the crops (and before ``normalize``); ``None``: none.
     Returns:
         ``[B * C, 3, T, s, s]`` float32 (``[B, 3, T, h, w]`` for ``"none"``), clip-major: row
         ``b * C + c`` is clip ``b``'s crop ``c`` in ``crop_names(crops, order)`` order. Values in
@@ -310,6 +333,7 @@ def preprocess_clips(
     any_flip = any(n.endswith("_flip") for n in names)
     pieces = _pieces(b, t, max(1, max_elements // (h * w * 3)))
     in_place = normalize_in_place if normalize is not None and not late else None
+    mean = _frame_mean_on(frame_mean, (3, t, oh, ow), clips.device)
     scratch = None  # float frames of the largest (first) piece, reused by the others
     for b0, b1, t0, t1 in pieces:
         p, pt = b1 - b0, t1 - t0
@@ -317,12 +341,12 @@ def preprocess_clips(
         x = x.unflatten(0, (p, pt)).permute(0, 2, 1, 3, 4)  # [p, 3, pt, oh, ow], a view
         if x.dtype == torch.uint8:
             # channels-last uint8 from the CPU kernel: as [p, 3, pt, oh, ow] already channels_last_3d,
-            # so crops copy whole rows; made float once here when a pointwise normalisation runs on
-            # the resized frames (into the scratch when it runs in place), else each crop is
-            # converted as it is copied (or normalised)
-            if pre is not None and in_place is None:
+            # so crops copy whole rows; made float once here when a mean or a pointwise normalisation
+            # is applied to the resized frames (into the scratch when done in place, as the mean
+            # always is), else each crop is converted as it is copied (or normalised)
+            if pre is not None and in_place is None and mean is None:
                 x = x.to(torch.float32, memory_format=memory_format)
-            elif pre is not None:
+            elif pre is not None or mean is not None:
                 if scratch is None:  # the first piece is the largest
                     scratch = torch.empty_like(x, dtype=torch.float32, memory_format=memory_format)
                 x = scratch[:p, :, :pt].copy_(x)
@@ -332,6 +356,10 @@ def preprocess_clips(
             # crops wrote 3 floats apart (10 copies of 320x240 frames: 3,000 frames/s), a
             # channels-last one writes whole rows (5,000 frames/s; 2-core EPYC)
             x = torch.empty_like(x, memory_format=memory_format).copy_(x)
+        if mean is not None:
+            # in place: float frames here are this function's own (the scratch, or what the float
+            # resize and the layout copy allocated); the piece's own frames of the mean
+            x.sub_(mean[:, t0:t1])
         if pre is not None:
             # pointwise: keeps the layout; in place on float frames that are this function's own
             # (the scratch, or what the float resize and the layout copy allocated)

