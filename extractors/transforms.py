@@ -11,6 +11,9 @@ Crop orders:
   centre (one pixel to the left when ``W - s`` is odd). Before 2026-12 this module mirrored each crop
   in place, which swapped crops 5/6 and 7/8 relative to ``TenCrop``; the extract stage's cache key
   records the rule, so no feature of the old order is reused.
+- ``caffe``: torchvision's order, with the centre crop where Caffe's data layers put it,
+  ``(H - s) // 2`` (C3D v1.0's ``video_data_layer.cpp``; Sultani et al.'s C3D features), where
+  torchvision rounds ``(H - s) / 2``: they differ when ``H - s`` is odd (171 - 112 = 59: 29 or 30).
 - ``roc-ng``: the Roc-Ng / XD-Violence files ``__0``..``__9``: centre, then the four corners
   (tl, tr, bl, br), then the same five crops of the flipped frame. Roc-Ng/XDVioDet's README states
   only that ``__0`` is the centre and ``__1``..``__4`` the corners; the corners' order and the flipped
@@ -64,6 +67,10 @@ RESIZE_MAX_ELEMENTS_CUDA = 2**28
 
 _CORNERS = ("tl", "tr", "bl", "br")
 
+#: values of ``extract.crop_order`` (module docstring); ``caffe`` is torchvision's order with Caffe's
+#: centre crop position (:func:`crop_boxes`)
+CROP_ORDERS = ("torchvision", "roc-ng", "caffe")
+
 #: values of ``extract.resize_dtype`` (module docstring)
 RESIZE_DTYPES = ("uint8", "float32", "opencv")
 
@@ -77,7 +84,9 @@ def crop_names(crops: str, order: str = "torchvision") -> list[str]:
         return ["full"]
     if crops == "center":
         return ["c"]
-    five = [*_CORNERS, "c"] if order == "torchvision" else ["c", *_CORNERS]
+    if order not in CROP_ORDERS:
+        raise ValueError(f"unknown crop order {order!r}; orders: {', '.join(CROP_ORDERS)}")
+    five = ["c", *_CORNERS] if order == "roc-ng" else [*_CORNERS, "c"]
     if crops == "5":
         return five
     if crops == "10":
@@ -133,7 +142,7 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
     h, w = x.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"frames of {h}x{w} are smaller than the {size}x{size} crop")
-    boxes = crop_boxes(h, w, size)
+    boxes = crop_boxes(h, w, size, order)
     out = []
     for name in crop_names(crops, order):
         if name.endswith("_flip"):  # box `name` of the mirrored frame: the mirrored box (y0, W - x0 - s)
@@ -145,9 +154,16 @@ def spatial_crops(x: torch.Tensor, size: int, crops: str, order: str = "torchvis
     return torch.stack(out)
 
 
-def crop_boxes(h: int, w: int, size: int) -> dict[str, tuple[int, int]]:
-    """Top-left corner ``(y, x)`` of each named crop, as :func:`spatial_crops` places them."""
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision CenterCrop
+def crop_boxes(h: int, w: int, size: int, order: str = "torchvision") -> dict[str, tuple[int, int]]:
+    """Top-left corner ``(y, x)`` of each named crop, as :func:`spatial_crops` places them.
+
+    The centre crop starts at ``round((H - s) / 2)`` as torchvision's ``CenterCrop`` places it, or, for
+    ``order="caffe"``, at ``(H - s) // 2`` as Caffe's data layers compute it in integer arithmetic
+    (C3D v1.0 ``video_data_layer.cpp``: a 112 crop of a 171-wide frame starts at column 29, not 30)."""
+    if order == "caffe":
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision CenterCrop
     return {"tl": (0, 0), "tr": (0, w - size), "bl": (h - size, 0), "br": (h - size, w - size), "c": (top, left)}
 
 
@@ -329,7 +345,7 @@ def preprocess_clips(
         names, s = crop_names(crops, order), crop_size
         out = _output((b * len(names), 3, t, s, s), clips.device, memory_format, buffer)
         view = out.view(b, len(names), 3, t, s, s)
-    boxes = crop_boxes(oh, ow, s) if s else {}
+    boxes = crop_boxes(oh, ow, s, order) if s else {}
     any_flip = any(n.endswith("_flip") for n in names)
     pieces = _pieces(b, t, max(1, max_elements // (h * w * 3)))
     in_place = normalize_in_place if normalize is not None and not late else None

@@ -107,6 +107,17 @@ def test_floor_rounding_is_torchvision_resize(h: int, w: int) -> None:
         assert resized_size(h, w, ("short", 256)) != want
 
 
+def test_caffe_centre_crop_is_integer_halving() -> None:
+    from extractors.transforms import crop_boxes, spatial_crops
+
+    assert crop_boxes(128, 171, 112)["c"] == (8, 30)  # torchvision: round(29.5)
+    assert crop_boxes(128, 171, 112, "caffe")["c"] == (8, 29)  # C3D's video_data_layer: 59 / 2 in integers
+    x = torch.arange(171.0).expand(1, 3, 128, 171)
+    assert spatial_crops(x, 112, "center", "caffe")[0, 0, 0, 0, 0] == 29
+    cfg = build_config(sets=["extract.preset=sultani"]).extract
+    assert cfg.crop_order == "caffe" and cfg.c3d_mean == "sports1m" and cfg.target_fps == 30.0
+
+
 def test_preset_layer_sits_under_config_and_set() -> None:
     for name, p in PRESETS.items():
         assert tuple(p.settings) == PRESET_KEYS

@@ -62,7 +62,7 @@ class ExtractConfig:
         "make features as a public feature set was made (extractors/presets.py): rtfm = RTFM's ResNet-50 I3D "
         "files, xd_violence = the Roc-Ng / XD-Violence Inception-I3D files, sultani = Sultani et al.'s C3D, "
         "default = this project's defaults; sets backbone, weights, clip_len, crops, crop_order, partial_clip, "
-        "resize_dtype, resize_round and target_fps, each of which --config / --set still override",
+        "resize_dtype, resize_round, target_fps and c3d_mean, each of which --config / --set still override",
     )
     backbone: str = opt("i3d_inception", "registered extractor (backbone) name; `pipeline list` prints them")
     weights: str = opt("", "'' = the backbone's default download; a local weights file overriding it; for "
@@ -89,9 +89,10 @@ class ExtractConfig:
     crops: str = choice("10", ("10", "5", "center", "none"), "spatial crops per clip")
     crop_order: str = choice(
         "torchvision",
-        ("torchvision", "roc-ng"),
+        ("torchvision", "roc-ng", "caffe"),
         "10/5-crop order: torchvision (TenCrop/FiveCrop: corners then centre; RTFM issue 33) or roc-ng (centre "
-        "first, then the corners: Roc-Ng/XDVioDet README)",
+        "first, then the corners: Roc-Ng/XDVioDet README); caffe = torchvision's order with the centre crop at "
+        "(W - s) // 2 as Caffe's data layers place it (C3D v1.0 video_data_layer.cpp), where torchvision rounds",
     )
     partial_clip: str = choice(
         "pad",
