@@ -246,6 +246,7 @@ def extract_with_flow(
             "width": flow_meta["width"], "clip_len": cfg.clip_len, "clip_ranges": ranges, "target_fps": None,
             "clip_fps": flow_meta["fps"], "n_frames_resampled": flow_meta["n_frames"], "frame_selection": "all frames",
             "crops": crop_names(cfg.crops, cfg.crop_order), "crop_setting": cfg.crops,
+            "crop_order": cfg.crop_order, "partial_clip": cfg.partial_clip, "preset": cfg.preset,
             "extractor": flow_extractor.registry_name, "weights_sha256": flow_extractor.weights_checksum,
             "precision": cfg.precision,
         }
