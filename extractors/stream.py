@@ -12,7 +12,9 @@ The path a clip takes (:func:`iter_clip_features`):
    batches ahead) decodes the video in chunks of ``extract.chunk_frames`` frames, resamples it to
    ``extract.target_fps`` if set, cuts clips and packs ``extract.batch_clips`` of them into one
    uint8 ``[B, T, H, W, 3]`` array (pinned memory when the network is on CUDA). Decoding thus
-   overlaps the network, and memory stays bounded whatever the video's length.
+   overlaps the network, and memory stays bounded whatever the video's length. With
+   ``extract.decode_workers`` > 1 the extract stage has worker processes do this step instead, for
+   upcoming videos and parts of long ones at once (:mod:`extractors.decode_pool`, ``decoded=``).
 2. The consumer moves the uint8 batch to the extractor's device and there resizes it (rounded to
    whole numbers as PIL does, or unrounded: ``extract.resize_dtype``), normalises and cuts the
    crops (:func:`extractors.transforms.preprocess_clips`, equal to the per-clip CPU path value for
@@ -57,18 +59,21 @@ def _settings(ctx_or_cfg: Any) -> Any:
 
 
 @dataclass
-class _ClipBatch:
+class ClipBatch:
     """Clips packed by the decode thread: ``frames`` ``[B, T, H, W, 3]`` uint8 RGB (a partial clip
     filled as ``extract.partial_clip`` says), ``ranges`` each clip's source frame range, ``first`` the index of
-    the first clip."""
+    the first clip; ``release``, when set, hands ``frames``' memory back once the consumer is done with
+    it (a decode pool's shared-memory slot, :mod:`extractors.decode_pool`) instead of the consumer's
+    :class:`BufferPool`."""
 
     first: int
     frames: torch.Tensor
     ranges: list[tuple[int, int]]
+    release: Any = None
 
 
 @dataclass
-class _DecodeEnd:
+class DecodeEnd:
     """The decode thread's last item: source frames decoded, frames after resampling, clips made."""
 
     n_frames: int
@@ -206,12 +211,17 @@ def clip_batches(
     resampler: Any,
     pool: BufferPool,
     stats: dict[str, float] | None,
-) -> Iterator[_ClipBatch | _DecodeEnd]:
+    first_frame: int = 0,
+) -> Iterator[ClipBatch | DecodeEnd]:
     """Decode ``src`` chunk by chunk, resample, cut clips and pack them ``batch_size`` at a time.
 
     Runs in the decode thread. Holds at most one decoded chunk plus the frames of one batch (views
     into the chunks) besides the packed batch it yields. Adds its own busy time (decoding + packing,
     not the time spent waiting for the consumer) to ``stats['decode_s']``.
+
+    ``first_frame``: ``src`` yields frames from this one on (a decode-pool job over part of a video,
+    :mod:`extractors.decode_pool`); a multiple of ``clip_len`` and only without resampling, so clip
+    ``first_frame // clip_len`` comes first and frame counts and clip indices are the whole video's.
     """
     from extractors.clip_rules import fill_order, keeps_partial
     from pipeline.core.video import VideoDecodeError
@@ -219,7 +229,10 @@ def clip_batches(
     pending: list[np.ndarray] = []  # resampled frames not yet in a clip, views into decoded chunks
     pending_src: list[int] = []  # their source frame indices
     ready: list[tuple[list[np.ndarray], tuple[int, int]]] = []  # clips waiting to be packed
-    n_src = n_out = n_clips = 0
+    if first_frame and (first_frame % clip_len or resampler is not None):
+        raise ValueError(f"clips can start at frame {first_frame} only on a clip boundary and without resampling")
+    n_src = n_out = first_frame
+    n_clips = first_frame // clip_len
     # downsampling: a clip's range ends where the next resampled frame starts, so wait for it;
     # exclude_last_frame: a clip is cut only once a frame after it exists
     lookahead = 1 if (resampler is not None and resampler.ratio > 1) or partial_clip == "exclude_last_frame" else 0
@@ -229,7 +242,7 @@ def clip_batches(
         ready.append((pending[:n], (pending_src[0], end)))
         del pending[:n], pending_src[:n]
 
-    def pack() -> _ClipBatch:
+    def pack() -> ClipBatch:
         nonlocal n_clips
         h, w = ready[0][0][0].shape[:2]
         frames = pool.get((len(ready), clip_len, h, w, 3))
@@ -237,7 +250,7 @@ def clip_batches(
         for i, (clip, _) in enumerate(ready):
             for t, j in enumerate(fill_order(len(clip), clip_len, partial_clip)):
                 arr[i, t] = clip[j]  # a partial clip's padding (extractors.clip_rules)
-        out = _ClipBatch(n_clips, frames, [r for _, r in ready])
+        out = ClipBatch(n_clips, frames, [r for _, r in ready])
         n_clips += len(ready)
         ready.clear()
         return out
@@ -274,7 +287,7 @@ def clip_batches(
     busy += time.perf_counter() - t0
     if stats is not None:
         stats["decode_s"] = stats.get("decode_s", 0.0) + busy
-    yield _DecodeEnd(n_src, n_out, n_clips)
+    yield DecodeEnd(n_src, n_out, n_clips)
 
 
 def iter_clip_features(
@@ -285,6 +298,7 @@ def iter_clip_features(
     batch_clips: int | None = None,
     chunk_frames: int | None = None,
     stats: dict[str, float] | None = None,
+    decoded: Any = None,
 ) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
     """Decode ``path`` in chunks and yield each clip's features as soon as its batch is computed.
 
@@ -308,6 +322,10 @@ def iter_clip_features(
             (forward pass and copying features back); and counts ``clips`` and ``batches``. On CUDA
             the device is synchronised after each step so that the split is exact (and the next
             batch is then not launched early).
+        decoded: the video's clip batches as a decode pool delivers them
+            (:meth:`extractors.decode_pool.DecodePool.take`: decoded and packed by worker processes
+            with this run's settings, in clip order); ``path`` is then not opened here, and
+            ``chunk_frames`` / ``batch_clips`` are the pool's.
     Yields:
         ``(clip_index, (start, end), features)``: the clip's real SOURCE frame range ``[start, end)``
         (a padded trailing clip ends at the last real frame) and ``features`` ``[C, D]`` float32
@@ -316,6 +334,8 @@ def iter_clip_features(
     Raises:
         VideoDecodeError: unreadable video, skipped frames, or shorter than one clip; raised in the
             caller's thread whichever thread decoded.
+        extractors.decode_pool.DecodeFallback: ``decoded``'s worker could not decode the video (the
+            caller then decodes it itself); DecodeWorkerCrashed: a worker died decoding it.
         ValueError: the extractor produced non-finite features (or ones float16 cannot hold), or a
             precision the device does not support.
     """
@@ -334,7 +354,9 @@ def iter_clip_features(
     store_dtype = np.dtype(cfg.feature_dtype)
     max_elements = RESIZE_MAX_ELEMENTS_CUDA if device.type == "cuda" else RESIZE_MAX_ELEMENTS
 
-    src = open_video(path, folder_fps=run_cfg.data.folder_fps)
+    # a pool's video has the source's fps / height / width / num_frames and close(), and is itself
+    # the iterator of packed batches
+    src = decoded if decoded is not None else open_video(path, folder_fps=run_cfg.data.folder_fps)
     resampler = None
     if cfg.target_fps > 0:
         resampler = FrameRateResampler(src.fps, cfg.target_fps)
@@ -354,27 +376,32 @@ def iter_clip_features(
 
     pool = BufferPool(pin_memory=device.type == "cuda", keep=cfg.prefetch_batches + 2)
     trim_heap = _HeapTrimmer()
-    producer = clip_batches(src, clip_len, batch_size, chunk_frames or cfg.chunk_frames, cfg.partial_clip,
-                             resampler, pool, stats)
-    # one clip per batch is online scoring's latency mode: each clip comes out before any later frame
-    # is read, as a live source requires, so nothing is decoded ahead
-    threaded = cfg.prefetch_batches > 0 and batch_size > 1
-    batches: Any = (
-        BackgroundIterator(producer, depth=cfg.prefetch_batches, name=f"wsvad-decode:{Path(str(path)).name}")
-        if threaded else producer
-    )
+    batches: Any = decoded
+    if decoded is None:
+        producer = clip_batches(src, clip_len, batch_size, chunk_frames or cfg.chunk_frames, cfg.partial_clip,
+                                resampler, pool, stats)
+        # one clip per batch is online scoring's latency mode: each clip comes out before any later frame
+        # is read, as a live source requires, so nothing is decoded ahead
+        threaded = cfg.prefetch_batches > 0 and batch_size > 1
+        batches = (
+            BackgroundIterator(producer, depth=cfg.prefetch_batches, name=f"wsvad-decode:{Path(str(path)).name}")
+            if threaded else producer
+        )
     timed = stats is not None
     sync = torch.cuda.synchronize if timed and device.type == "cuda" else (lambda: None)
     # on CUDA, launch batch k + 1 before copying batch k's features back (not in per-clip latency mode)
     defer = device.type == "cuda" and batch_size > 1 and not timed
-    end: _DecodeEnd | None = None
+    end: DecodeEnd | None = None
 
-    def finish(batch: _ClipBatch, feats: torch.Tensor) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
+    def finish(batch: ClipBatch, feats: torch.Tensor) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
         t = time.perf_counter()
         f = feats.float().cpu().numpy().reshape(len(batch.ranges), len(names), -1)
         if timed:
             stats["network_s"] = stats.get("network_s", 0.0) + time.perf_counter() - t
-        pool.put(batch.frames)
+        if batch.release is not None:
+            batch.release()
+        else:
+            pool.put(batch.frames)
         trim_heap()
         if not np.isfinite(f).all():
             raise ValueError(f"{path}: the extractor produced non-finite features")
@@ -387,7 +414,7 @@ def iter_clip_features(
         for j, (rng, feats_j) in enumerate(zip(batch.ranges, f)):
             yield batch.first + j, rng, np.array(feats_j, dtype=np.float32)  # a copy: buffers get reused
 
-    in_flight: tuple[_ClipBatch, torch.Tensor] | None = None
+    in_flight: tuple[ClipBatch, torch.Tensor] | None = None
     # the network input of the previous batch (or video), rewritten by the next one (on CUDA the
     # rewrite is ordered after the previous forward pass on the same stream)
     net_input = _take_input_buffer(extractor)
@@ -401,7 +428,7 @@ def iter_clip_features(
                     break
                 if timed:
                     stats["wait_s"] = stats.get("wait_s", 0.0) + time.perf_counter() - t
-                if isinstance(item, _DecodeEnd):
+                if isinstance(item, DecodeEnd):
                     end = item
                     continue
                 t = time.perf_counter()
@@ -437,7 +464,7 @@ def iter_clip_features(
             close()
         src.close()
         _keep_input_buffer(extractor, net_input)
-    if end is None:  # cannot happen: the producer always ends with _DecodeEnd or raises
+    if end is None:  # cannot happen: the producer always ends with DecodeEnd or raises
         raise VideoDecodeError(f"{path}: decoding ended without a frame count")
     if info is not None:
         info["n_frames"] = end.n_frames
@@ -450,16 +477,17 @@ def iter_clip_features(
         )
 
 
-def extract_video(ctx: Any, extractor: Any, path: Any) -> tuple[np.ndarray, dict[str, Any]]:
+def extract_video(ctx: Any, extractor: Any, path: Any, decoded: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Features of one video, ``[T, C, D]`` in ``extract.feature_dtype`` (float32 by default), and its
-    metadata (see the module docstring). ``n_frames``, ``fps`` and ``clip_ranges`` are the source
+    metadata (see the module docstring); ``decoded``: the video from a decode pool
+    (:func:`iter_clip_features`), else it is decoded here. ``n_frames``, ``fps`` and ``clip_ranges`` are the source
     video's even when ``extract.target_fps`` resamples it; ``target_fps`` / ``n_frames_resampled``
     record the resampling (``None`` / equal to ``n_frames`` without)."""
     cfg = _settings(ctx).extract
     info: dict[str, Any] = {}
     outputs: list[np.ndarray] = []
     ranges: list[list[int]] = []
-    for _, (a, b), f in iter_clip_features(ctx, extractor, path, info=info):
+    for _, (a, b), f in iter_clip_features(ctx, extractor, path, info=info, decoded=decoded):
         outputs.append(f)
         ranges.append([a, b])
     feats = np.stack(outputs).astype(cfg.feature_dtype)

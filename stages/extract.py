@@ -63,6 +63,7 @@ class ExtractStage(Stage):
         self.extractor: Any = None
         self.importer: Any = None
         self.flow_extractor: Any = None
+        self.decode_pool: Any = None  # extractors.decode_pool.DecodePool with extract.decode_workers > 1
 
     def upstream_for(self, cfg: Any) -> tuple[str, ...]:
         """The flow stage when ``extract.modality`` includes flow (stages/flow.py)."""
@@ -142,10 +143,29 @@ class ExtractStage(Stage):
 
                 self.extractor = SGAExtractor(self.extractor, cfg.encoder)
 
+    def prefetch(self, ctx: Context, videos: list[VideoRecord]) -> None:
+        """With more than one decode worker (``extract.decode_workers``), start decoding ``videos`` in
+        worker processes (:mod:`extractors.decode_pool`); the RGB path only."""
+        cfg = ctx.cfg.extract
+        if cfg.import_format or cfg.modality != "rgb" or not videos:
+            return
+        from extractors.decode_pool import DecodePool, DecodeSettings, default_workers
+
+        device = str(self.extractor.device)
+        workers = cfg.decode_workers or default_workers(device)
+        if workers <= 1:
+            return
+        if self.decode_pool is None:
+            self.decode_pool = DecodePool(workers, DecodeSettings.from_config(ctx.cfg), pin_memory=device.startswith("cuda"))
+            log.info("extract: %d decode workers", workers)
+        self.decode_pool.submit([(v.id, str(ctx.manifest.resolve(v))) for v in videos])
+
     def release(self) -> None:
         # the network, its weights on the device and, through _INPUT_BUFFERS' weak key, its input
-        # buffer (770 MB for 8 clips of 10 crops) go before training starts
-        self.extractor = self.importer = self.flow_extractor = None
+        # buffer (770 MB for 8 clips of 10 crops) go before training starts; the decode workers stop
+        if self.decode_pool is not None:
+            self.decode_pool.close()
+        self.extractor = self.importer = self.flow_extractor = self.decode_pool = None
 
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.importer is not None:
@@ -155,8 +175,22 @@ class ExtractStage(Stage):
 
             feats, meta = extract_with_flow(ctx, self.extractor, self.flow_extractor, video, inputs["flow"])
         else:
-            feats, meta = extract_video(ctx, self.extractor, ctx.manifest.resolve(video))
+            feats, meta = self._extract_rgb(ctx, video)
         out.save_item(video.id, {"features": feats}, meta)
+
+    def _extract_rgb(self, ctx: Context, video: VideoRecord) -> tuple[Any, dict[str, Any]]:
+        """``extract_video``, from the decode pool's workers when there is one; a video they could not
+        decode is decoded here instead (which gives the one-worker path's result or error)."""
+        path = ctx.manifest.resolve(video)
+        if self.decode_pool is None or video.id not in self.decode_pool:
+            return extract_video(ctx, self.extractor, path)
+        from extractors.decode_pool import DecodeFallback
+
+        try:
+            return extract_video(ctx, self.extractor, path, decoded=self.decode_pool.take(video.id))
+        except DecodeFallback as e:
+            log.debug("%s: decoding in this process: %s", path, e)
+            return extract_video(ctx, self.extractor, path)
 
 
 def encoder_checksum(path: str) -> str:

@@ -167,6 +167,14 @@ class ExtractConfig:
         key=False,
     )
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:N]'", key=False)
+    decode_workers: int = opt(
+        0,
+        "processes decoding videos (and parts of long videos) ahead of the network, which reads their "
+        "clips in order, so features are identical for any count (extractors/decode_pool.py); 1 = one "
+        "decode thread per video (the path before workers); 0 = auto: on CUDA the cores this process "
+        "may use (os.sched_getaffinity) minus one, on the CPU 1",
+        key=False,
+    )
     modality: str = choice(
         "rgb",
         ("rgb", "flow", "rgb+flow"),
@@ -191,6 +199,8 @@ class ExtractConfig:
             raise ValueError("batch_clips and chunk_frames must be >= 1")
         if self.prefetch_batches < 0:
             raise ValueError("prefetch_batches must be >= 0 (0 = decode in the calling thread)")
+        if self.decode_workers < 0:
+            raise ValueError("decode_workers must be >= 0 (0 = from the cores available)")
         if self.import_format and not self.import_root:
             raise ValueError("import_format needs import_root (the folder holding the feature files)")
 

@@ -355,6 +355,7 @@ class Runner:
             return failures, computed, corrupt
         log.info("%s: %d of %d videos to compute", stage.name, len(todo), total)
         self._prepare(stage, sd)
+        stage.prefetch(self.ctx, todo)
         for video in progress_bar(todo, self.ctx.progress, desc=stage.name, unit="video"):
             try:
                 sd.drop_item(video.id)

@@ -170,6 +170,11 @@ class Stage:
     def prepare(self, ctx: Context, out: StageDir) -> None:
         """Called once before the first item that needs computing (load models here, lazily)."""
 
+    def prefetch(self, ctx: Context, videos: list[VideoRecord]) -> None:
+        """Called once after :meth:`prepare` with the videos :meth:`process` will be called for, in
+        that order: a stage may start reading them ahead (the extract stage's decode workers,
+        ``extract.decode_workers``). Default: nothing."""
+
     def process(self, ctx: Context, video: VideoRecord, out: StageDir, inputs: dict[str, StageDir]) -> None:
         """Compute one video's artifact and save it with ``out.save_item``."""
         raise NotImplementedError

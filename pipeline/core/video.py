@@ -78,21 +78,28 @@ class VideoSource:
         self.num_frames = int(num_frames)
         self.frames_decoded: int | None = None
 
-    def iter_chunks(self, chunk_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_chunks(self, chunk_frames: int = 64, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start_frame, frames)``, ``frames`` uint8 ``[n, H, W, 3]`` RGB, ``n <= chunk_frames``.
 
-        Chunks are consecutive: each ``start_frame`` is the previous one plus its length.
+        Chunks are consecutive: each ``start_frame`` is the previous one plus its length. ``start`` /
+        ``stop`` restrict the pass to frames ``[start, stop)`` (``stop=None``: to the end), the first
+        chunk starting at ``start`` (the decode pool's jobs over parts of a long video,
+        :mod:`extractors.decode_pool`); fewer frames come when the video ends (or breaks) earlier.
         """
         if int(chunk_frames) < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"frame range [{start}, {stop}) is not a range of frames")
         self.frames_decoded = None
-        count = 0
-        for start, frames in self._chunks(int(chunk_frames)):
-            count = start + len(frames)
-            yield start, frames
+        count = start
+        stop = self.num_frames if stop is None else min(int(stop), self.num_frames)
+        for first, frames in self._chunks(int(chunk_frames), int(start), stop):
+            count = first + len(frames)
+            yield first, frames
         self.frames_decoded = count
 
-    def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _chunks(self, chunk_frames: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Chunks of frames ``[start, stop)`` (``stop`` at most :attr:`num_frames`)."""
         raise NotImplementedError
 
     def read_all(self) -> np.ndarray:
@@ -175,11 +182,10 @@ class DecordVideo(VideoSource):
     def close(self) -> None:
         self._reader = None
 
-    def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _chunks(self, chunk_frames: int, first: int, n: int) -> Iterator[tuple[int, np.ndarray]]:
         reader = self._reader if self._reader is not None else self._open(self.path)
         self._reader = reader
-        n = self.num_frames
-        for start in range(0, n, chunk_frames):
+        for start in range(first, n, chunk_frames):
             stop = min(n, start + chunk_frames)
             try:
                 frames = reader.get_batch(list(range(start, stop))).asnumpy()
@@ -190,10 +196,10 @@ class DecordVideo(VideoSource):
                 log.debug("%s: decord failed on frames %d..%d (%s); decoding frame by frame", self.path,
                           start, stop - 1, _short(exc))
                 end = start
-                for s, frames in self._sequential_tail(reader, start, chunk_frames):
+                for s, frames in self._sequential_tail(reader, start, chunk_frames, n):
                     end = s + len(frames)
                     yield s, frames
-                if end == 0:
+                if end == first == 0:
                     raise VideoDecodeError(f"{self.path}: no frame could be decoded: {_short(exc)}") from exc
                 if end < n:
                     log.warning(
@@ -204,8 +210,8 @@ class DecordVideo(VideoSource):
                 return
             yield start, self._check(_to_rgb3(frames, self.path), start)
 
-    def _sequential_tail(self, reader: Any, start: int, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Frames ``start..`` decoded one by one with PyAV, in chunks, until the first decode error.
+    def _sequential_tail(self, reader: Any, start: int, chunk_frames: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Frames ``start..stop - 1`` decoded one by one with PyAV, in chunks, until the first decode error.
 
         A frame's index is found from its timestamp in decord's frame index, so the frames line
         up with the ones decord already delivered; a frame that matches no index, or a gap, ends
@@ -239,7 +245,7 @@ class DecordVideo(VideoSource):
             expected, counter = start, 0
             buf: list[np.ndarray] = []
             decoded = container.decode(stream)
-            while expected < n:
+            while expected < stop:
                 try:
                     frame = next(decoded)
                 except StopIteration:
@@ -348,10 +354,10 @@ class FrameFolder(VideoSource):
             raise VideoDecodeError(f"{file}: not a readable JPEG/PNG image")
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-    def _chunks(self, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _chunks(self, chunk_frames: int, first: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
         pool = _folder_pool(self.threads) if self.threads > 1 else None
-        for start in range(0, len(self.files), chunk_frames):
-            files = self.files[start : start + chunk_frames]
+        for start in range(first, stop, chunk_frames):
+            files = self.files[start : min(start + chunk_frames, stop)]
             out = np.empty((len(files), self.height, self.width, 3), np.uint8)
 
             def decode(j: int) -> None:
@@ -373,13 +379,16 @@ class FrameFolder(VideoSource):
             yield start, out
 
 
-def open_video(path: str | Path, folder_fps: float = DEFAULT_FOLDER_FPS) -> VideoSource:
+def open_video(path: str | Path, folder_fps: float = DEFAULT_FOLDER_FPS, decoder_threads: int = 0) -> VideoSource:
     """Open a video file or a JPEG/PNG frame folder.
 
     Args:
         path: the video file or the frame folder.
         folder_fps: frame rate of a frame folder (which has none of its own); also used for a
             video whose container reports no valid frame rate.
+        decoder_threads: decord's ``num_threads`` for a video file (0: FFmpeg's automatic count);
+            the decode pool's workers use 1 each (:mod:`extractors.decode_pool`). Frames do not
+            depend on it.
 
     Raises:
         VideoDecodeError: naming the path and the problem.
@@ -397,7 +406,7 @@ def open_video(path: str | Path, folder_fps: float = DEFAULT_FOLDER_FPS) -> Vide
         raise VideoDecodeError(f"{p}: cannot read: {exc}") from exc
     if size == 0:
         raise VideoDecodeError(f"{p}: empty file (0 bytes)")
-    return DecordVideo(p, fallback_fps=folder_fps)
+    return DecordVideo(p, fallback_fps=folder_fps, num_threads=decoder_threads)
 
 
 #: denominators allowed when a float frame rate is read as a fraction: exact for NTSC rates such as
