@@ -12,7 +12,11 @@
 # 3. training (issue 4): RTFM and every other detector on UCF-Crime-sized features, with the
 #    estimate of the full schedule (goal: RTFM's 15,000 iterations under 10 minutes);
 # 4. TV-L1 (issue 7): OpenCV on the CPU against the PyTorch TV-L1 on the GPU, eager and compiled
-#    (goal: 50x OpenCV at 320x240), against OpenCV on one thread and on every core.
+#    (goal: 50x OpenCV at 320x240), against OpenCV on one thread and on every core;
+# 5. the decode feed (extract.decode_workers): the real networks in bf16 fed by 1, 4 and all-but-one
+#    decode workers, achieved FLOP/s as a share of the bf16 peak and the share of time the network
+#    waited for decoded clips (benchmarks/roofline_feed.py --real; random weights: same FLOPs), and
+#    the paced stand-in on this host's cores (frames/s, stall share, cores needed).
 # Each part's output goes to OUT_DIR/<part>.txt (and .json where the script writes one); a failing
 # part does not stop the others. Copy the tables into BENCHMARKS.md with the machine and the date.
 set -uo pipefail
@@ -39,4 +43,10 @@ run train "$py" benchmarks/train.py --device cuda --steps 50 --warmup 5 --json "
 # OpenCV with one thread (BENCHMARKS.md's baseline) and with every core (the harder one)
 run flow_1thread "$py" benchmarks/flow.py --no-cpu-torch --compile --threads 1
 run flow_allthreads "$py" benchmarks/flow.py --no-cpu-torch --compile --threads "$(nproc)"
+cores=$("$py" -c 'import os; print(len(os.sched_getaffinity(0)))')
+feed_workers="1 4 $((cores > 2 ? cores - 1 : 2))"
+run roofline_feed_real "$py" benchmarks/roofline_feed.py --real --device cuda --no-gil --workers $feed_workers \
+    --frames 1800 --synthetic 8 --json "$out/roofline_feed_real.json"
+run roofline_feed_paced "$py" benchmarks/roofline_feed.py --workers $feed_workers --frames 1800 --synthetic 8 \
+    --gpu H100 --json "$out/roofline_feed_paced.json"
 exit $status

@@ -284,17 +284,20 @@ def real_run(videos: list[Path], name: str, crops: str, workers: int, flops: flo
     ext = EXTRACTORS.get(name, device=device) if weights else random_extractor(name, device)
     cfg = build_config(sets=[f"extract.crops={crops}", "extract.precision=bf16", "extract.partial_clip=drop"])
     n_crops = {"10": 10, "5": 5, "center": 1}[crops]
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     # warm-up: cuDNN's algorithm choice and the input buffer, outside the timing
-    next(iter_clip_features(cfg, ext, videos[0]))
-    torch.cuda.synchronize()
+    warm = iter_clip_features(cfg, ext, videos[0])
+    next(warm)
+    warm.close()
+    sync()
     stats: dict[str, float] = {}
     clips = 0
     t0 = time.perf_counter()
-    with DecodePool(workers, DecodeSettings.from_config(cfg), pin_memory=True) as pool:
+    with DecodePool(workers, DecodeSettings.from_config(cfg), pin_memory=str(device).startswith("cuda")) as pool:
         pool.submit([(str(i), str(v)) for i, v in enumerate(videos)])
         for i, v in enumerate(videos):
             clips += sum(1 for _ in iter_clip_features(cfg, ext, v, stats=stats, decoded=pool.take(str(i))))
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     achieved = clips * n_crops * flops / wall
     return {"network": name, "crops": crops, "workers": workers, "clips_per_s": clips / wall,
@@ -394,7 +397,7 @@ def main() -> None:
     if args.real:
         from extractors.decode_pool import DecodePool  # noqa: F401 - fail early without the module
 
-        name = torch.cuda.get_device_name()
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         dev_peak = next((p for k, p in BF16_DENSE_PEAK.items() if k in name), peak)
         rows = []
         log.info("\n## real networks on %s, bf16 (peak %.0f TFLOP/s)\n", name, dev_peak / 1e12)
