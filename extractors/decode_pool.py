@@ -70,6 +70,9 @@ SPLIT_BATCHES = 8
 #: shared-memory slots per worker when ``max_batches`` is not given: enough for the buffering above
 #: (``SPLIT_BATCHES / 2``) plus one batch being packed and one being computed
 SLOTS_PER_WORKER = SPLIT_BATCHES // 2 + 2
+#: shared memory the slots may take together, bytes (8 GiB): with large frames the slot count shrinks
+#: to fit (1080p: 0.8 GB per 8-clip batch, 10 slots), at least 3
+SLOT_BYTES = 8 << 30
 #: environment variable naming a video file (its name) whose decode worker exits abruptly: the tests'
 #: way of crashing a worker (read in the parent when the pool starts, so it reaches forked workers)
 CRASH_ENV = "WSVAD_TEST_DECODE_CRASH"
@@ -310,13 +313,14 @@ class DecodePool:
         settings: the run's decode settings (:meth:`DecodeSettings.from_config`).
         pin_memory: hand the consumer batches in pinned memory (a copy out of the slot), for a
             network on CUDA; otherwise the batch is the slot itself, released after use.
-        max_batches: shared-memory slots (default ``workers * SLOTS_PER_WORKER``, at least 3).
+        max_batches: shared-memory slots (default ``workers * SLOTS_PER_WORKER``, at least 3), fewer
+            where their batches would take more than ``max_bytes`` (default :data:`SLOT_BYTES`).
         split_frames: frames per job of a long video (default ``SPLIT_BATCHES * batch_clips *
             clip_len``; 0: never split); rounded down to a multiple of ``batch_clips * clip_len``.
     """
 
     def __init__(self, workers: int, settings: DecodeSettings, pin_memory: bool = False,
-                 max_batches: int | None = None, split_frames: int | None = None) -> None:
+                 max_batches: int | None = None, split_frames: int | None = None, max_bytes: int = SLOT_BYTES) -> None:
         if workers < 1:
             raise ValueError(f"decode workers must be >= 1, got {workers}")
         self.settings = settings
@@ -324,7 +328,9 @@ class DecodePool:
         step = settings.batch_clips * settings.clip_len
         split = SPLIT_BATCHES * step if split_frames is None else int(split_frames)
         self.split_frames = (split // step) * step if settings.target_fps <= 0 else 0
-        self.max_slots = max(3, max_batches if max_batches is not None else workers * SLOTS_PER_WORKER)
+        self._slot_limit = max(3, max_batches if max_batches is not None else workers * SLOTS_PER_WORKER)
+        self.max_slots = self._slot_limit
+        self.max_bytes = max_bytes
         self._crash_name = os.environ.get(CRASH_ENV, "")
         method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         self._ctx = mp.get_context(method)
@@ -455,8 +461,10 @@ class DecodePool:
                 w.waiting = None
                 w.tasks.send(("slot", None, None))
                 continue
-            # one slot stays free for the head job: the consumer waits on it, the others can wait
-            if self._free_slots() > (0 if job is head else 1):
+            # one slot stays free for the head job: the consumer waits on it, the others can wait; the
+            # head gets one even past the limit when it holds none (the limit shrank under larger frames)
+            holds = any(sl.job is job for sl in self._slots)
+            if self._free_slots() > (0 if job is head else 1) or (job is head and not holds):
                 slot = self._grant(job, w.waiting)
                 w.waiting = None
                 w.tasks.send(("slot", slot.index, slot.shm.name))
@@ -485,7 +493,7 @@ class DecodePool:
         fitting = [s for s in free if s.size >= nbytes]
         if fitting:
             slot = min(fitting, key=lambda s: s.size)
-        elif len(self._slots) < self.max_slots:
+        elif len(self._slots) < self.max_slots or not free:
             slot = _Slot(len(self._slots), shared_memory.SharedMemory(create=True, size=nbytes), nbytes)
             self._slots.append(slot)
         else:  # a free slot too small for this video's frames: replace it by a larger one
@@ -596,6 +604,8 @@ class DecodePool:
                 v.jobs[-1].stop = None  # the last part goes to the video's end, whatever it is
         elif kind == "slot?":
             w.waiting = msg[2]
+            # the bound in bytes: fewer slots for larger frames (never fewer than 3)
+            self.max_slots = max(3, min(self._slot_limit, self.max_bytes // max(1, msg[2])))
         elif kind == "batch":
             _, _, slot, first, ranges, shape = msg
             self._slots[slot].sent = True
