@@ -2,6 +2,7 @@
 the authors' preprocessing, on the same frames and the same weights.
 
     python benchmarks/rtfm_reference_check.py VIDEO [--weights TUSHAR_N.pth] [--frames 40] [--out DIR]
+        [--set extract.KEY=VALUE ...]
 
 Ours: ``extract_video`` (what ``pipeline run --stage extract`` runs per video) with
 ``--set extract.preset=rtfm --set extract.weights=FILE``.
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", type=Path, default=None, help="Tushar-N's converted i3d_r50_kinetics.pth")
     ap.add_argument("--frames", type=int, default=40, help="frames of VIDEO to use (default 40: 2 clips and a partial one)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the frames and random weights (default: a temporary one)")
+    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="extract.KEY=VALUE",
+                    help="override a setting of ours after the preset (to see that the check catches a departure)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(random_tushar_state(), weights)
     state = {k: v.float() for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()}
 
-    cfg = build_config(sets=["extract.preset=rtfm", f"extract.weights={weights}", "extract.device=cpu"])
+    cfg = build_config(sets=["extract.preset=rtfm", f"extract.weights={weights}", "extract.device=cpu", *args.sets])
     ours, meta = extract_video(cfg, build_extractor(cfg.extract, "cpu"), frames_dir)  # [T, 10, 2048]
     ref_in = reference_clips(files)
     ref = torch.stack([reference_features(state, c) for c in ref_in]).numpy()  # [T, 10, 2048]
