@@ -89,15 +89,20 @@ class DecodeWorkerCrashed(RuntimeError):
 
 def default_workers(device: str) -> int:
     """``extract.decode_workers = 0``: on CUDA every core this process may run on
-    (``os.sched_getaffinity``) but one, which the network's own thread needs; on the CPU 1 (the
-    network, not decoding, takes the cores there)."""
+    (``os.sched_getaffinity``) but one, which the network's own thread needs, shared among the
+    processes ``torchrun`` started on this host (``LOCAL_WORLD_SIZE``, one per GPU); on the CPU 1
+    (the network, not decoding, takes the cores there)."""
     if not str(device).startswith("cuda"):
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, cores // local_ranks - 1)
 
 
 @dataclass(frozen=True)

@@ -334,17 +334,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from extractors import EXTRACTORS
+    from extractors.presets import PRESETS
     from models import DETECTORS
 
     print("extractors:")
     for name in EXTRACTORS.list():
         cls = EXTRACTORS.get_class(name)
-        print(f"  {name:<16} {cls.feature_dim}-D, {cls.clip_len}-frame clips, {cls.crop_size}px crops")
+        print(f"  {name:<18} {cls.feature_dim}-D, {cls.clip_len}-frame clips, {cls.crop_size}px crops")
+    print("feature presets (extract.preset):")
+    for name, p in PRESETS.items():
+        print(f"  {name:<18} {p.reproduces} ({p.settings['backbone']})")
     print("detectors:")
     for name in DETECTORS.list():
         cls = DETECTORS.get_class(name)
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<16} {doc}")
+        print(f"  {name:<18} {doc}")
     return 0
 
 

@@ -169,3 +169,13 @@ def test_ctrl_c_leaves_no_worker_no_shared_memory_and_no_partial_item(dataset, t
     stems = {sd.stem(v) for v in complete}
     leftovers = [p.name for p in sd.items.iterdir() if not any(p.name.startswith(s) for s in stems)]
     assert leftovers == []
+
+
+def test_default_worker_count_shares_the_cores_among_local_ranks(monkeypatch) -> None:
+    from extractors.decode_pool import default_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers("cpu") == 1 and default_workers("cuda:0") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 GPUs on this host
+    assert default_workers("cuda:1") == 3

@@ -35,3 +35,4 @@ def test_project_registries_and_list_command(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "i3d_inception" in out and "sultani_mil" in out
+    assert "feature presets (extract.preset):" in out and "rtfm               RTFM's ResNet-50 I3D" in out

@@ -172,7 +172,7 @@ class ExtractConfig:
         "processes decoding videos (and parts of long videos) ahead of the network, which reads their "
         "clips in order, so features are identical for any count (extractors/decode_pool.py); 1 = one "
         "decode thread per video (the path before workers); 0 = auto: on CUDA the cores this process "
-        "may use (os.sched_getaffinity) minus one, on the CPU 1",
+        "may use (os.sched_getaffinity), divided among torchrun's local ranks, minus one; on the CPU 1",
         key=False,
     )
     modality: str = choice(
