@@ -151,7 +151,7 @@ class ExtractStage(Stage):
             return
         from extractors.decode_pool import DecodePool, DecodeSettings, default_workers
 
-        device = str(self.extractor.device)
+        device = str(self.extractor.device) if self.extractor is not None else resolve_device(cfg.device)
         workers = cfg.decode_workers or default_workers(device)
         if workers <= 1:
             return

@@ -637,6 +637,10 @@ class MistExtractStage(ExtractStage):
         """Nothing: not the extract stage's pretrained network; :meth:`process` builds the fine-tuned
         one from the train stage's ``encoder.pt`` (an input ``prepare`` does not receive)."""
 
+    def prefetch(self, ctx: Context, videos: list[Any]) -> None:
+        """Nothing: :meth:`process` decodes each video itself (``extract_video`` without the decode
+        workers of :meth:`ExtractStage.prefetch`, whose batches nothing here would read)."""
+
     def process(self, ctx: Context, video: Any, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.extractor is None:
             cfg = ctx.cfg.extract
