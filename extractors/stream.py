@@ -511,6 +511,8 @@ def extract_video(ctx: Any, extractor: Any, path: Any, decoded: Any = None) -> t
         "preset": cfg.preset or None,
         "extractor": extractor.registry_name,
         "weights_sha256": extractor.weights_checksum,
+        # a per-pixel input mean the extractor subtracts (C3D's Sports-1M cube: extract.c3d_mean), None without
+        "input_mean_sha256": getattr(extractor, "mean_sha256", None),
         "feature_dim": int(feats.shape[-1]),
         "feature_dtype": str(feats.dtype),
         "precision": cfg.precision,

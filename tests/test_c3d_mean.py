@@ -296,3 +296,19 @@ def test_setting_defaults_to_channel_and_stays_out_of_the_config_key() -> None:
     cfg = ExtractConfig()
     assert cfg.c3d_mean == "channel" and "c3d_mean" not in key_fields(cfg)
     assert C3dFc6Extractor.config_options(cfg) == {"mean": "channel"}
+
+
+def test_feature_metadata_names_the_cube(make, tmp_path: Path) -> None:
+    from conftest import moving_square_video, write_video
+    from extractors.stream import extract_video
+    from pipeline.core.store import sha256_file
+    from stages.config import build_config
+
+    video = tmp_path / "v.mp4"
+    write_video(video, moving_square_video(16, h=96, w=128))
+    cfg = build_config(sets=["extract.crops=center", "extract.backbone=c3d_fc6"])
+    cube = write_cube(tmp_path / "m.binaryproto", random_cube(4))
+    _, meta = extract_video(cfg, make(str(cube)), video)
+    assert meta["input_mean_sha256"] == sha256_file(cube)
+    _, meta = extract_video(cfg, make("channel"), video)
+    assert meta["input_mean_sha256"] is None
