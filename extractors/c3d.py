@@ -82,7 +82,7 @@ from torch import nn
 from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.i3d_r50 import load_state_dict_checked, read_state_dict
-from extractors.weights import WeightsError, WeightSpec, cached_weights_path, fetch_weights, pinned_sha256
+from extractors.weights import WeightsError, WeightSpec, cached_weights_path, fetch_pinned_weights, fetch_weights
 from pipeline.core.errors import StageError
 from pipeline.core.store import sha256_file
 
@@ -482,10 +482,7 @@ class C3dFc6Extractor(ClipExtractor):
     ) -> None:
         super().__init__(weights=weights, device=device)
         self.fc6_relu = fc6_relu
-        path = fetch_weights(self.weights_spec, local_path=weights)
-        digest = sha256_file(path) if weights else pinned_sha256(self.weights_spec)
-        assert digest is not None  # fetch_weights pins the default weights or raises
-        self._checksum = digest
+        path, self._checksum = fetch_pinned_weights(self.weights_spec, local_path=weights)
         self.model = load_c3d(path, pool5=pool5).to(self.device)
         self._mean_bgr = torch.tensor(C3D_MEAN_BGR, dtype=torch.float32).view(1, 3, 1, 1, 1)
         source = resolve_c3d_mean(mean)

@@ -41,7 +41,7 @@ from extractors.i3d_r50 import (
 )
 from extractors.transforms import crop_names, resized_size, spatial_crops
 from extractors.tvl1 import TVL1Params, to_gray_uint8, tvl1_flow
-from extractors.weights import WeightsError, WeightSpec, fetch_weights, pinned_sha256
+from extractors.weights import WeightsError, WeightSpec, fetch_pinned_weights
 from pipeline.core.store import sha256_file
 
 log = logging.getLogger(__name__)
@@ -341,10 +341,9 @@ def _flow_weights_path(spec: Any, weights: str | None, cls_name: str) -> tuple[A
         raise NotImplementedError(
             f"{cls_name} has no public weights to download; pass a weights file with extract.flow_weights=PATH"
         )
-    path = fetch_weights(spec, local_path=weights) if spec is not None else weights
-    digest = sha256_file(path) if weights else pinned_sha256(spec)
-    assert digest is not None  # fetch_weights pins the default weights or raises
-    return path, digest
+    if spec is None:
+        return weights, sha256_file(weights)
+    return fetch_pinned_weights(spec, local_path=weights)
 
 
 I3D_FLOW_IMAGENET = WeightSpec(

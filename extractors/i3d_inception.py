@@ -47,7 +47,7 @@ from torch import nn
 from extractors.registry import EXTRACTORS
 from extractors.base import ClipExtractor
 from extractors.i3d_r50 import read_state_dict
-from extractors.weights import WeightsError, WeightSpec, default_weights_sha256, fetch_weights, pinned_sha256
+from extractors.weights import WeightsError, WeightSpec, default_weights_sha256, fetch_pinned_weights, fetch_weights
 from pipeline.core.errors import StageError
 from pipeline.core.store import sha256_file
 
@@ -649,9 +649,7 @@ def imagenet_i3d(weights: str | Path | None = None) -> tuple[InceptionI3d, str]:
         weights: optional local copy of piergiaj's ``rgb_imagenet.pt`` (or any state dict in its layout);
             without it the file is fetched into the user cache and pinned on first download.
     """
-    path = fetch_weights(I3D_IMAGENET_RGB, local_path=weights)
-    digest = sha256_file(path) if weights else pinned_sha256(I3D_IMAGENET_RGB)
-    assert digest is not None  # fetch_weights pins the default weights or raises
+    path, digest = fetch_pinned_weights(I3D_IMAGENET_RGB, local_path=weights)
     model = InceptionI3d(num_classes=400)
     load_piergiaj_checkpoint(model, path)
     return model.eval(), digest

@@ -54,10 +54,8 @@ from extractors.base import ClipExtractor
 from extractors.weights import (
     WeightsError,
     WeightSpec,
-    fetch_weights,
-    pinned_sha256,
+    fetch_pinned_weights,
 )
-from pipeline.core.store import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +240,7 @@ class ResNet50I3dExtractor(ClipExtractor):
 
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
         super().__init__(weights=weights, device=device)
-        path = fetch_weights(self.weights_spec, local_path=weights)
-        digest = sha256_file(path) if weights else pinned_sha256(self.weights_spec)
-        assert digest is not None  # fetch_weights pins the default weights or raises
-        self._checksum = digest
+        path, self._checksum = fetch_pinned_weights(self.weights_spec, local_path=weights)
         self.model = load_i3d_r50(path).to(self.device)
 
     @property

@@ -86,8 +86,7 @@ from extractors.i3d_r50 import (
     read_state_dict,
 )
 from extractors.registry import EXTRACTORS
-from extractors.weights import WeightsError, WeightSpec, fetch_weights, pinned_sha256
-from pipeline.core.store import sha256_file
+from extractors.weights import WeightsError, WeightSpec, fetch_pinned_weights
 
 logger = logging.getLogger(__name__)
 
@@ -398,10 +397,7 @@ class ResNet50I3dRtfmExtractor(ClipExtractor):
 
     def __init__(self, weights: str | None = None, device: str = "cpu") -> None:
         super().__init__(weights=weights, device=device)
-        path = fetch_weights(self.weights_spec, local_path=weights)
-        digest = sha256_file(path) if weights else pinned_sha256(self.weights_spec)
-        assert digest is not None  # fetch_weights pins the default weights or raises
-        self._digest = digest
+        path, self._digest = fetch_pinned_weights(self.weights_spec, local_path=weights)
         self.model = load_rtfm_i3d_r50(path).to(self.device)
 
     @property

@@ -189,6 +189,20 @@ def fetch_weights(spec: WeightSpec, local_path: str | Path | None = None) -> Pat
     return dest
 
 
+def fetch_pinned_weights(spec: WeightSpec, local_path: str | Path | None = None) -> tuple[Path, str]:
+    """:func:`fetch_weights` for a spec whose publisher gives no checksum, with the sha256 that keys
+    the features: the local file's own (``local_path``: it cannot be checked against anything), or
+    the default download's pin.
+
+    Raises:
+        WeightsError: as :func:`fetch_weights`.
+    """
+    path = fetch_weights(spec, local_path=local_path)
+    digest = sha256_file(path) if local_path else pinned_sha256(spec)
+    assert digest is not None  # fetch_weights pins the default weights or raises
+    return path, digest
+
+
 def _download_verified(spec: WeightSpec, tmp: Path, dest: Path, want: str | None) -> str:
     """Download ``spec.url`` into ``tmp`` and check its sha256 against ``want`` (None: accept);
     returns the sha256. Raises WeightsError offline or on a mismatch."""
