@@ -94,6 +94,10 @@ def crop_names(crops: str, order: str = "torchvision") -> list[str]:
     raise ValueError(f"unknown crop setting {crops!r}")
 
 
+#: ``extract.crops`` of a feature file holding this many crops per clip (imported files; score)
+CROP_SETTING_FOR_COUNT = {1: "center", 5: "5", 10: "10"}
+
+
 def resized_size(h: int, w: int, resize: tuple) -> tuple[int, int]:
     """Output ``(height, width)`` of :func:`resize_frames` for ``h x w`` frames.
 

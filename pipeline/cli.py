@@ -28,8 +28,19 @@ from typing import Any
 log = logging.getLogger("pipeline")
 
 STAGE_CHOICES = ("flow", "extract", "segment", "train", "evaluate", "all")  # flow: precompute TV-L1 alone
-#: extract.preset's values (extractors/presets.py PRESETS; spelled out so that `pipeline --help` imports no network)
-FEATURE_PRESETS = ("default", "rtfm", "xd_violence", "sultani")
+
+
+def _feature_presets() -> tuple[str, ...]:
+    """``extract.preset``'s values, from the config field's choices (the core config is light to import,
+    where ``extractors.presets`` would import every network for ``pipeline --help``)."""
+    import dataclasses
+
+    from pipeline.core.config import ExtractConfig
+
+    return next(f for f in dataclasses.fields(ExtractConfig) if f.name == "preset").metadata["choices"]
+
+
+FEATURE_PRESETS = _feature_presets()
 
 
 def _add_config_args(p: argparse.ArgumentParser, run_dir_default: str = "runs/default",

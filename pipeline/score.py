@@ -301,8 +301,10 @@ class RunScorer:
             raise ScoreError(f"{self.train_dir}: cannot read the config {method} was trained with: {_one_line(e)}") from None
 
     # -- consistency ---------------------------------------------------------------------------
-    def _run_extract_meta(self) -> dict[str, Any] | None:
-        """Metadata of one video of the run's latest extract stage (its feature_dim and extractor)."""
+    @cached_property
+    def _extract_meta(self) -> dict[str, Any] | None:
+        """Metadata of one video of the run's latest extract stage (its feature_dim, extractor, crops and
+        weights), read once: the checks of the constructor each consult it."""
         rel = self.latest.get("extract")
         if not rel:
             return None
@@ -368,11 +370,13 @@ class RunScorer:
 
     def _imported_crop_setting(self, cfg_path: Path) -> str | None:
         """``extract.crops`` of the imported features' crop count (1, 5 or 10), from one imported item."""
-        meta = self._run_extract_meta()
+        from extractors.transforms import CROP_SETTING_FOR_COUNT
+
+        meta = self._extract_meta
         if meta is None:
             return None
         count = len(meta.get("crops") or [])
-        setting = {1: "center", 5: "5", 10: "10"}.get(count)
+        setting = CROP_SETTING_FOR_COUNT.get(count)
         if setting is None:
             raise ScoreError(f"{cfg_path}: the imported features have {count} crops; a preset extracts 1, 5 or 10")
         return setting
@@ -386,7 +390,7 @@ class RunScorer:
             given = cls.expected_checksum(weights)
         except (FileNotFoundError, OSError) as e:
             raise ScoreError(f"{weights}: {_one_line(e)}") from None
-        meta = self._run_extract_meta() or {}
+        meta = self._extract_meta or {}
         used = meta.get("weights_sha256")
         if used is None:
             log.warning("%s: the run's features record no weights checksum; cannot check --weights %s", cfg_path, weights)
@@ -433,7 +437,7 @@ class RunScorer:
                     log.warning("%s: trained with extract.%s=%r, scoring with %r (same feature space; "
                                 "scores may differ slightly from the evaluation's)", self.model_path, k, t_ex[k], getattr(ex, k))
         # 2. feature size: the run's extracted features, else the extractor's declared size
-        meta = self._run_extract_meta()
+        meta = self._extract_meta
         if meta is not None and meta.get("extractor") == ex.backbone and "feature_dim" in meta:
             dim, source = int(meta["feature_dim"]), f"the run's {ex.backbone} features are"
         else:

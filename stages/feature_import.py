@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from extractors.transforms import crop_names
+from extractors.transforms import CROP_SETTING_FOR_COUNT, crop_names
 from pipeline.core.manifest import VideoRecord
 
 FORMATS = ("rtfm", "roc-ng", "sultani")
@@ -117,9 +117,9 @@ class FeatureImporter:
                 _check(a, p, "roc-ng")
             if len({a.shape[0] for a in crops}) != 1:
                 raise FeatureImportError(f"{paths[0].parent}: crops of {video.id} have different clip counts {[a.shape[0] for a in crops]}")
-            if len(crops) not in (1, 5, 10):
+            if len(crops) not in CROP_SETTING_FOR_COUNT:
                 raise FeatureImportError(f"{paths[0].parent}: {video.id} has {len(crops)} crop files; expected 1, 5 or 10")
-            names = crop_names({1: "center", 5: "5", 10: "10"}[len(crops)], "roc-ng")
+            names = crop_names(CROP_SETTING_FOR_COUNT[len(crops)], "roc-ng")
             arr = np.stack(crops, axis=1)
             return arr, self._clip_meta(arr, names, paths)
         path = self._find(video.id)
