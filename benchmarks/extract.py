@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench_machine import cpu_name  # benchmarks/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_extract")
@@ -74,14 +75,7 @@ _SKIP_PREFIXES = ("test_", "bench_")
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} CPUs, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "

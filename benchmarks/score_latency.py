@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_machine import cpu_name  # benchmarks/, the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,16 +36,6 @@ def ensure_run(run_dir: Path) -> None:
         print(f"no trained run in {run_dir}: running `pipeline demo` there first", file=sys.stderr)
         if main(["-q", "demo", "--run-dir", str(run_dir)]) != 0:
             raise SystemExit("pipeline demo failed")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stats(x: list[float]) -> str:
