@@ -38,7 +38,7 @@ from pipeline.core.stage import Context, Stage
 from pipeline.core.store import StageDir
 
 from .chains import OwnTraining
-from .extract import ExtractStage, extract_video
+from .extract import ExtractStage
 from .train import load_detector, train_detector, write_model
 
 log = logging.getLogger(__name__)
@@ -637,16 +637,12 @@ class MistExtractStage(ExtractStage):
         """Nothing: not the extract stage's pretrained network; :meth:`process` builds the fine-tuned
         one from the train stage's ``encoder.pt`` (an input ``prepare`` does not receive)."""
 
-    def prefetch(self, ctx: Context, videos: list[Any]) -> None:
-        """Nothing: :meth:`process` decodes each video itself (``extract_video`` without the decode
-        workers of :meth:`ExtractStage.prefetch`, whose batches nothing here would read)."""
-
     def process(self, ctx: Context, video: Any, out: StageDir, inputs: dict[str, StageDir]) -> None:
         if self.extractor is None:
             cfg = ctx.cfg.extract
             self.extractor = fine_tuned_extractor(cfg, inputs["train"].path / "encoder.pt", resolve_device(cfg.device))
         self.extractor.attention.clear()
-        feats, meta = extract_video(ctx, self.extractor, ctx.manifest.resolve(video))
+        feats, meta = self._extract_rgb(ctx, video)  # from the decode workers when there are some
         att = np.concatenate(self.extractor.attention).reshape(feats.shape[0], feats.shape[1], *self.extractor.attention[0].shape[-2:])
         meta["input_resize"] = list(self.extractor.resize)
         out.save_item(video.id, {"features": feats, "attention": att.astype(np.float16)}, meta)
